@@ -1,0 +1,50 @@
+from typing import Annotated
+
+from fastapi import APIRouter, Query, status
+
+from app.core.security import AdminPrincipal, CurrentPrincipal
+from app.db.database import SessionDep
+from app.schemas.common import Deleted, ListParams, Page
+from app.schemas.users import ApiKeyCreate, ApiKeyCreated, ApiKeyRead, MeRead, UserCreate, UserRead
+from app.services import users
+
+router = APIRouter(tags=["users and keys"])
+
+
+@router.get("/me")
+async def read_me(principal: CurrentPrincipal, session: SessionDep) -> MeRead:
+    """The caller: user, role and key."""
+    return await users.describe_caller(session, principal)
+
+
+@router.post("/users", status_code=status.HTTP_201_CREATED)
+async def create_user(data: UserCreate, _: AdminPrincipal, session: SessionDep) -> UserRead:
+    """Create a user (admin)."""
+    return users.user_read(await users.create_user(session, data))
+
+
+@router.get("/users")
+async def list_users(page: Annotated[ListParams, Query()], _: AdminPrincipal, session: SessionDep) -> Page[UserRead]:
+    """List users, newest first (admin)."""
+    return await users.list_users(session, page)
+
+
+@router.post("/users/{user_id}/keys", status_code=status.HTTP_201_CREATED)
+async def create_key(user_id: str, data: ApiKeyCreate, _: AdminPrincipal, session: SessionDep) -> ApiKeyCreated:
+    """Issue an API key for a user (admin); the secret `key` is shown this once only."""
+    return await users.create_key(session, user_id, data)
+
+
+@router.get("/users/{user_id}/keys")
+async def list_keys(
+    user_id: str, page: Annotated[ListParams, Query()], _: AdminPrincipal, session: SessionDep
+) -> Page[ApiKeyRead]:
+    """List a user's keys, without their secrets (admin)."""
+    return await users.list_keys(session, user_id, page)
+
+
+@router.delete("/keys/{key_id}")
+async def revoke_key(key_id: str, _: AdminPrincipal, session: SessionDep) -> Deleted:
+    """Revoke an API key at once (admin)."""
+    await users.revoke_key(session, key_id)
+    return Deleted(id=key_id, object="api_key.deleted")

@@ -1,0 +1,113 @@
+"""API keys and the caller's identity.
+
+Keys are `sk-os-` followed by 43 random URL-safe characters (256 bits). Only
+their SHA-256 is stored: with that much entropy a fast hash is safe, and it
+keeps authentication to one indexed lookup.
+"""
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy import select
+
+from app.core.config import SettingsDep
+from app.core.errors import AuthenticationError, NotFoundError, PermissionDeniedError
+from app.db.database import SessionDep
+from app.db.models import ApiKey, User, utcnow
+
+KEY_PREFIX = "sk-os-"
+ADMIN_USER_ID = "usr_admin"
+ENV_ADMIN_KEY_ID = "key_env_admin"
+
+
+def generate_key() -> str:
+    """A new secret API key."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def display_prefix(key: str) -> str:
+    """What may be shown of a key after creation: enough to recognise it."""
+    return key[: len(KEY_PREFIX) + 6]
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: the user behind the key, and the key's own limits."""
+
+    user_id: str
+    role: str
+    key_id: str
+    key_name: str | None
+    allowed_models: tuple[str, ...] | None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+    def check_model(self, model: str) -> None:
+        """Refuse a model this key may not use, as OpenAI answers for an unknown one."""
+        if self.allowed_models is not None and model not in self.allowed_models:
+            raise NotFoundError(
+                f"The model `{model}` does not exist or you do not have access to it.",
+                param="model",
+                code="model_not_found",
+            )
+
+
+def _bearer(request: Request) -> str:
+    header = request.headers.get("authorization")
+    if not header:
+        raise AuthenticationError(
+            "You didn't provide an API key. Provide it in the Authorization header "
+            "(Authorization: Bearer YOUR_KEY).",
+            code="missing_api_key",
+        )
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or len(token) > 256:
+        raise AuthenticationError("Malformed Authorization header; expected 'Bearer YOUR_KEY'.")
+    return token
+
+
+async def current_principal(request: Request, session: SessionDep, settings: SettingsDep) -> Principal:
+    """Authenticate the bearer key: unknown, revoked and expired keys are all a 401."""
+    token = _bearer(request)
+    admin_key = settings.admin_api_key
+    if admin_key is not None and hmac.compare_digest(token.encode(), admin_key.get_secret_value().encode()):
+        return Principal(ADMIN_USER_ID, "admin", ENV_ADMIN_KEY_ID, "ADMIN_API_KEY", None)
+
+    row = (
+        await session.execute(
+            select(ApiKey, User.role).join(User, User.id == ApiKey.user_id).where(ApiKey.key_hash == hash_key(token))
+        )
+    ).first()
+    if row is None:
+        raise AuthenticationError("Incorrect API key provided.")
+    key, role = row
+    if key.revoked_at is not None:
+        raise AuthenticationError("This API key has been revoked.", code="api_key_revoked")
+    if key.expires_at is not None and key.expires_at <= utcnow():
+        raise AuthenticationError("This API key has expired.", code="api_key_expired")
+    allowed = tuple(key.allowed_models) if key.allowed_models is not None else None
+    return Principal(key.user_id, role, key.id, key.name, allowed)
+
+
+CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
+
+
+async def admin_principal(principal: CurrentPrincipal) -> Principal:
+    """Only admins pass."""
+    if not principal.is_admin:
+        raise PermissionDeniedError("This operation requires an admin API key.")
+    return principal
+
+
+AdminPrincipal = Annotated[Principal, Depends(admin_principal)]

@@ -1,0 +1,125 @@
+"""Chats, messages and sending."""
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field
+
+from app.schemas.common import Input, Metadata, ModelName, SafeText, Tags, UnixTime
+
+Title = Annotated[SafeText, Field(max_length=512)]
+SystemPrompt = Annotated[SafeText, Field(max_length=200_000)]
+Content = Annotated[SafeText, Field(min_length=1, max_length=1_000_000)]
+StopWord = Annotated[SafeText, Field(min_length=1, max_length=256)]
+
+
+class ChatParams(Input):
+    """Generation parameters passed to the model with every send."""
+
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    stop: StopWord | Annotated[list[StopWord], Field(max_length=4)] | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
+
+    def upstream(self) -> dict[str, Any]:
+        """The parameters as OpenAI's chat completions API names them."""
+        params = self.model_dump(exclude_none=True)
+        if "max_tokens" in params:
+            params["max_completion_tokens"] = params.pop("max_tokens")
+        return params
+
+
+class ChatCreate(Input):
+    title: Title | None = None
+    model: ModelName | None = None
+    system_prompt: SystemPrompt | None = None
+    params: ChatParams = Field(default_factory=ChatParams)
+    metadata: Metadata = Field(default_factory=dict)
+    tags: Tags = Field(default_factory=list)
+    pinned: bool = False
+
+
+class ChatUpdate(Input):
+    """Only the fields sent change; `null` clears a nullable field."""
+
+    title: Title | None = None
+    model: ModelName | None = None
+    system_prompt: SystemPrompt | None = None
+    params: ChatParams | None = None
+    metadata: Metadata | None = None
+    tags: Tags | None = None
+    archived: bool | None = None
+    pinned: bool | None = None
+
+
+class ChatRead(BaseModel):
+    id: str
+    object: Literal["chat"] = "chat"
+    title: str | None
+    model: str = Field(description="The model the next send uses")
+    system_prompt: str | None
+    params: dict[str, Any]
+    metadata: dict[str, str]
+    tags: list[str]
+    archived: bool
+    pinned: bool
+    message_count: int
+    created_at: UnixTime
+    updated_at: UnixTime
+
+
+class ChatListParams(BaseModel):
+    archived: bool | None = Field(default=None, description="Only archived (true) or active (false) chats")
+    pinned: bool | None = None
+    tag: Annotated[SafeText, Field(max_length=64)] | None = None
+    q: Annotated[SafeText, Field(max_length=256)] | None = Field(default=None, description="Words in the title")
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int = 0
+
+
+class Usage(BaseModel):
+    """Token usage with OpenAI's chat-completions names."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
+    completion_tokens_details: CompletionTokensDetails = Field(default_factory=CompletionTokensDetails)
+
+
+class MessageRead(BaseModel):
+    id: str
+    object: Literal["chat.message"] = "chat.message"
+    chat_id: str
+    parent_id: str | None
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+    status: Literal["complete", "partial", "error"]
+    model: str | None
+    finish_reason: str | None
+    usage: Usage | None
+    error: dict[str, Any] | None
+    created_at: UnixTime
+
+
+class MessageCreate(Input):
+    content: Content
+    stream: bool = False
+    model: ModelName | None = Field(default=None, description="Overrides the chat's model for this send")
+    params: ChatParams | None = Field(default=None, description="Overrides the chat's params for this send")
+
+
+class SendResult(BaseModel):
+    object: Literal["chat.exchange"] = "chat.exchange"
+    user_message: MessageRead
+    assistant_message: MessageRead
+    usage: Usage | None

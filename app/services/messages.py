@@ -1,0 +1,273 @@
+"""Sending a message: store the turn, ask the model, store the reply.
+
+A send is three short transactions, never one held open across the model call:
+1. under the chat's row lock, reserve two positions (the user message at n,
+   its reply at n+1) and store the user message with the context it sees;
+2. call the upstream, with no transaction open;
+3. store the reply: `complete`, `partial` (the client left or the upstream
+   broke off mid-stream: what arrived is kept) or `error`.
+Concurrent sends to one chat therefore never wait on each other's model call,
+and every message gets exactly one defined position.
+"""
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import orjson
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.core.config import Settings
+from app.core.errors import AppError, NotFoundError, ServiceUnavailableError
+from app.core.logging import get_logger
+from app.core.security import Principal
+from app.db.database import SessionFactory
+from app.db.models import Chat, Message, new_id, utcnow
+from app.schemas.chat import ChatParams, MessageCreate, MessageRead, SendResult, Usage
+from app.services.chats import get_owned_chat
+from app.services.context import build_context
+from app.services.openai import ReplyStream, Upstream
+
+log = get_logger(__name__)
+
+
+def message_read(message: Message) -> MessageRead:
+    return MessageRead(
+        id=message.id,
+        chat_id=message.chat_id,
+        parent_id=message.parent_id,
+        role=message.role,  # type: ignore[arg-type]
+        content=message.content,
+        status=message.status,  # type: ignore[arg-type]
+        model=message.model,
+        finish_reason=message.finish_reason,
+        usage=Usage.model_validate(message.usage) if message.usage else None,
+        error=message.error,
+        created_at=message.created_at,
+    )
+
+
+@dataclass(slots=True)
+class Turn:
+    """A stored user message, waiting for its reply."""
+
+    user_message: Message
+    reply_id: str
+    reply_seq: int
+    model: str
+    context: list[dict[str, Any]]
+    params: dict[str, Any]
+
+
+def _require(upstream: Upstream | None) -> Upstream:
+    if upstream is None:
+        raise ServiceUnavailableError(
+            "No model provider is configured. Set OPENAI_API_KEY (and OPENAI_BASE_URL for an "
+            "OpenAI-compatible API other than OpenAI's) and restart the service.",
+            code="upstream_not_configured",
+        )
+    return upstream
+
+
+async def _start_turn(
+    session: AsyncSession, principal: Principal, chat: Chat, data: MessageCreate, settings: Settings
+) -> Turn:
+    model = data.model or chat.model or settings.default_model
+    principal.check_model(model)
+    overrides = data.params.model_dump(exclude_none=True) if data.params else {}
+    params = ChatParams.model_validate({**chat.params, **overrides}).upstream()
+
+    now = utcnow()
+    # The UPDATE takes the chat's row lock (SQLite: the write lock) until commit,
+    # so positions are handed out one sender at a time.
+    next_seq = await session.scalar(
+        update(Chat)
+        .where(Chat.id == chat.id)
+        .values(next_seq=Chat.next_seq + 2, message_count=Chat.message_count + 1, updated_at=now)
+        .returning(Chat.next_seq)
+    )
+    assert next_seq is not None
+    seq = next_seq - 2
+    parent_id = await session.scalar(
+        select(Message.id).where(Message.chat_id == chat.id, Message.seq < seq).order_by(Message.seq.desc()).limit(1)
+    )
+    user_message = Message(
+        id=new_id("msg"),
+        chat_id=chat.id,
+        user_id=principal.user_id,
+        seq=seq,
+        parent_id=parent_id,
+        role="user",
+        content=data.content,
+        status="complete",
+        created_at=now,
+    )
+    session.add(user_message)
+    await session.flush()
+    context = await build_context(session, chat, seq + 1)
+    await session.commit()
+    return Turn(user_message, new_id("msg"), seq + 1, model, context, params)
+
+
+async def _store_reply(
+    session: AsyncSession,
+    turn: Turn,
+    *,
+    content: str,
+    status: str,
+    model: str | None,
+    finish_reason: str | None = None,
+    usage: dict[str, Any] | None = None,
+    error: dict[str, Any] | None = None,
+    request_id: str | None = None,
+) -> Message | None:
+    """Store the reply; None when the chat was deleted while the model answered."""
+    reply = Message(
+        id=turn.reply_id,
+        chat_id=turn.user_message.chat_id,
+        user_id=turn.user_message.user_id,
+        seq=turn.reply_seq,
+        parent_id=turn.user_message.id,
+        role="assistant",
+        content=content,
+        status=status,
+        model=model,
+        finish_reason=finish_reason,
+        usage=usage,
+        error=error,
+        upstream_request_id=request_id,
+        created_at=utcnow(),
+    )
+    try:
+        session.add(reply)
+        await session.execute(
+            update(Chat).where(Chat.id == reply.chat_id).values(message_count=Chat.message_count + 1)
+        )
+        await session.commit()
+    except IntegrityError:
+        await session.rollback()
+        log.info("reply_dropped_chat_deleted", extra={"chat_id": reply.chat_id})
+        return None
+    return reply
+
+
+def _chat_gone(chat_id: str) -> NotFoundError:
+    return NotFoundError(f"Chat '{chat_id}' was deleted while the model was replying.", param="chat_id")
+
+
+async def send_message(
+    session: AsyncSession,
+    upstream: Upstream | None,
+    principal: Principal,
+    chat_id: str,
+    data: MessageCreate,
+    settings: Settings,
+) -> SendResult:
+    """Store the user's message, get the whole reply, store it and return both."""
+    chat = await get_owned_chat(session, principal, chat_id)
+    client = _require(upstream)
+    turn = await _start_turn(session, principal, chat, data, settings)
+    try:
+        completion = await client.complete(turn.model, turn.context, turn.params)
+    except AppError as exc:
+        await _store_reply(session, turn, content="", status="error", model=turn.model, error=exc.body()["error"])
+        raise
+    reply = await _store_reply(
+        session,
+        turn,
+        content=completion.content,
+        status="complete",
+        model=completion.model,
+        finish_reason=completion.finish_reason,
+        usage=completion.usage,
+        request_id=completion.request_id,
+    )
+    if reply is None:
+        raise _chat_gone(chat_id)
+    result = message_read(reply)
+    return SendResult(user_message=message_read(turn.user_message), assistant_message=result, usage=result.usage)
+
+
+def sse(event: str, payload: dict[str, Any]) -> bytes:
+    """One server-sent event whose JSON repeats its type."""
+    return b"event: " + event.encode() + b"\ndata: " + orjson.dumps({"type": event, **payload}) + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+async def start_stream(
+    session: AsyncSession,
+    upstream: Upstream | None,
+    factory: SessionFactory,
+    principal: Principal,
+    chat_id: str,
+    data: MessageCreate,
+    settings: Settings,
+) -> AsyncIterator[bytes]:
+    """Store the user's message and open the upstream stream; failures so far are plain HTTP errors."""
+    chat = await get_owned_chat(session, principal, chat_id)
+    client = _require(upstream)
+    turn = await _start_turn(session, principal, chat, data, settings)
+    try:
+        stream = await client.stream(turn.model, turn.context, turn.params)
+    except AppError as exc:
+        await _store_reply(session, turn, content="", status="error", model=turn.model, error=exc.body()["error"])
+        raise
+    return _relay(factory, turn, stream)
+
+
+async def _relay(factory: SessionFactory, turn: Turn, stream: ReplyStream) -> AsyncIterator[bytes]:
+    """Relay the reply as SSE events, and store it however the stream ends."""
+    yield sse("message.created", {"message": message_read(turn.user_message).model_dump(mode="json")})
+    failure: AppError | None = None
+    try:
+        try:
+            async for delta in stream.deltas():
+                yield sse("message.delta", {"message_id": turn.reply_id, "delta": delta})
+        except AppError as exc:
+            failure = exc
+    except BaseException:
+        # The client went away (we are being cancelled): keep what it was shown.
+        with anyio.CancelScope(shield=True):
+            await stream.aclose()
+            async with factory() as session:
+                await _store_reply(
+                    session,
+                    turn,
+                    content="".join(stream.content),
+                    status="partial",
+                    model=stream.model,
+                    usage=stream.usage,
+                    error={"message": "The client disconnected before the reply was complete.",
+                           "type": "client_error", "param": None, "code": "client_disconnected"},
+                    request_id=stream.request_id,
+                )
+        raise
+
+    content = "".join(stream.content)
+    with anyio.CancelScope(shield=True):
+        await stream.aclose()
+        async with factory() as session:
+            reply = await _store_reply(
+                session,
+                turn,
+                content=content,
+                status="complete" if failure is None else ("partial" if content else "error"),
+                model=stream.model,
+                finish_reason=stream.finish_reason,
+                usage=stream.usage,
+                error=failure.body()["error"] if failure else None,
+                request_id=stream.request_id,
+            )
+    if reply is None:
+        failure = _chat_gone(turn.user_message.chat_id)
+    if failure is not None:
+        yield sse("error", failure.body())
+    else:
+        assert reply is not None
+        yield sse("message.completed", {"message": message_read(reply).model_dump(mode="json")})
+    yield SSE_DONE

@@ -1,0 +1,239 @@
+"""The upstream model provider: the only module that imports the `openai` SDK.
+
+One long-lived `AsyncOpenAI` client per process. The SDK's own retries are off
+(`max_retries=0`) and this module retries instead, so a request makes at most
+`1 + OPENAI_MAX_RETRIES` (<= 3) upstream attempts in all, waits what the
+upstream's `retry-after` asks (up to `OPENAI_RETRY_MAX_WAIT`), and never
+retries a stream once its first chunk has arrived. SDK errors become the
+project's own errors here; upstream credentials problems are our 502, never
+our 401.
+"""
+
+import asyncio
+import email.utils
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Annotated, Any, TypeVar
+
+import httpx2
+import openai
+from fastapi import Depends, Request
+from openai import AsyncOpenAI, AsyncStream
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+from app.core.config import Settings
+from app.core.errors import (
+    AppError,
+    InvalidRequestError,
+    NotFoundError,
+    RateLimitError,
+    UpstreamError,
+    UpstreamTimeoutError,
+)
+from app.core.logging import get_logger
+
+log = get_logger(__name__)
+
+T = TypeVar("T")
+RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+
+
+@dataclass(slots=True)
+class Completion:
+    """A whole reply."""
+
+    content: str
+    model: str
+    finish_reason: str | None
+    usage: dict[str, Any] | None
+    request_id: str | None
+
+
+@dataclass(slots=True)
+class ReplyStream:
+    """A reply arriving in pieces; `usage` and friends are filled in as the stream ends."""
+
+    _stream: AsyncStream[ChatCompletionChunk]
+    model: str
+    request_id: str | None
+    finish_reason: str | None = None
+    usage: dict[str, Any] | None = None
+    content: list[str] = field(default_factory=list)
+
+    async def deltas(self) -> AsyncIterator[str]:
+        """Yield text as it arrives; a broken stream raises an `UpstreamError`."""
+        try:
+            async for chunk in self._stream:
+                if chunk.model:
+                    self.model = chunk.model
+                if chunk.usage is not None:
+                    self.usage = normalize_usage(chunk.usage.model_dump())
+                for choice in chunk.choices:
+                    if choice.index != 0:
+                        continue
+                    if choice.finish_reason:
+                        self.finish_reason = choice.finish_reason
+                    text = choice.delta.content
+                    if text:
+                        self.content.append(text)
+                        yield text
+        except openai.APIError as exc:
+            raise map_error(exc) from exc
+        except httpx2.HTTPError as exc:
+            raise UpstreamError(
+                "The upstream connection broke off in the middle of the reply.", code="upstream_stream_broken"
+            ) from exc
+
+    async def aclose(self) -> None:
+        await self._stream.close()
+
+
+def normalize_usage(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Usage in OpenAI's chat names, with the cached and reasoning details always present."""
+    prompt = int(raw.get("prompt_tokens") or 0)
+    completion = int(raw.get("completion_tokens") or 0)
+    prompt_details = raw.get("prompt_tokens_details") or {}
+    completion_details = raw.get("completion_tokens_details") or {}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": int(raw.get("total_tokens") or prompt + completion),
+        "prompt_tokens_details": {"cached_tokens": int(prompt_details.get("cached_tokens") or 0)},
+        "completion_tokens_details": {"reasoning_tokens": int(completion_details.get("reasoning_tokens") or 0)},
+    }
+
+
+def _error_body(exc: openai.APIStatusError) -> tuple[str, str | None, str | None]:
+    body = exc.body if isinstance(exc.body, dict) else {}
+    message = body.get("message") if isinstance(body.get("message"), str) else None
+    return message or f"The upstream answered HTTP {exc.status_code}.", exc.param, exc.code
+
+
+def map_error(exc: openai.APIError) -> AppError:
+    """Turn an SDK error into the project's own error."""
+    if isinstance(exc, openai.APITimeoutError):
+        return UpstreamTimeoutError("The upstream model did not answer in time.")
+    if isinstance(exc, openai.APIConnectionError):
+        return UpstreamError("Could not reach the upstream model provider.", code="upstream_unreachable")
+    if not isinstance(exc, openai.APIStatusError):
+        return UpstreamError(f"The upstream sent an error: {exc.message}")
+    message, param, code = _error_body(exc)
+    status = exc.status_code
+    if status in (401, 403):
+        return UpstreamError(
+            "The upstream rejected this service's credentials; the operator must check OPENAI_API_KEY.",
+            code="upstream_auth_failed",
+        )
+    if status == 429:
+        retry_after = exc.response.headers.get("retry-after")
+        return RateLimitError(
+            f"The upstream is rate limiting requests: {message}",
+            code=code or "rate_limit_exceeded",
+            headers={"retry-after": retry_after or "1"},
+        )
+    if status == 404:
+        return NotFoundError(message, param=param or "model", code=code or "model_not_found")
+    if 400 <= status < 500:
+        return InvalidRequestError(message, param=param, code=code or "upstream_invalid_request")
+    return UpstreamError(f"The upstream failed (HTTP {status}): {message}")
+
+
+def _retry_delay(exc: openai.APIError, attempt: int) -> float | None:
+    """Seconds to wait before the next attempt, or None when a retry cannot help."""
+    if isinstance(exc, openai.APIConnectionError):
+        return min(0.5 * 2**attempt, 8.0) * (0.75 + random.random() / 2)
+    if not isinstance(exc, openai.APIStatusError) or exc.status_code not in RETRYABLE_STATUS:
+        return None
+    headers = exc.response.headers
+    if headers.get("x-should-retry") == "false":
+        return None
+    if (ms := headers.get("retry-after-ms")) is not None:
+        try:
+            return max(float(ms) / 1000, 0.0)
+        except ValueError:
+            pass
+    if (value := headers.get("retry-after")) is not None:
+        try:
+            return max(float(value), 0.0)
+        except ValueError:
+            parsed = email.utils.parsedate_to_datetime(value) if value else None
+            if parsed is not None:
+                return max(parsed.timestamp() - time.time(), 0.0)
+    return min(0.5 * 2**attempt, 8.0) * (0.75 + random.random() / 2)
+
+
+class Upstream:
+    """The model provider behind the service."""
+
+    def __init__(self, settings: Settings) -> None:
+        assert settings.openai_api_key is not None
+        self._settings = settings
+        self._client = AsyncOpenAI(
+            api_key=settings.openai_api_key.get_secret_value(),
+            base_url=settings.openai_base_url,
+            timeout=httpx2.Timeout(settings.openai_timeout, connect=min(settings.openai_timeout, 10.0)),
+            max_retries=0,
+        )
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    async def _with_retries(self, call: Callable[[], Awaitable[T]]) -> T:
+        attempts = 1 + self._settings.openai_max_retries
+        for attempt in range(attempts):
+            try:
+                return await call()
+            except openai.APIError as exc:
+                delay = _retry_delay(exc, attempt) if attempt + 1 < attempts else None
+                if delay is None or delay > self._settings.openai_retry_max_wait:
+                    raise map_error(exc) from exc
+                log.warning(
+                    "upstream_retry",
+                    extra={"attempt": attempt + 1, "delay_s": round(delay, 3), "error": type(exc).__name__},
+                )
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def complete(self, model: str, messages: list[dict[str, Any]], params: dict[str, Any]) -> Completion:
+        """Ask for a whole reply."""
+
+        async def call() -> ChatCompletion:
+            return await self._client.chat.completions.create(
+                model=model, messages=messages, stream=False, **params
+            )
+
+        result: ChatCompletion = await self._with_retries(call)
+        choice = result.choices[0] if result.choices else None
+        return Completion(
+            content=(choice.message.content or "") if choice else "",
+            model=result.model or model,
+            finish_reason=choice.finish_reason if choice else None,
+            usage=normalize_usage(result.usage.model_dump()) if result.usage else None,
+            request_id=result._request_id,
+        )
+
+    async def stream(self, model: str, messages: list[dict[str, Any]], params: dict[str, Any]) -> ReplyStream:
+        """Open a streamed reply, always asking the upstream to report usage at the end."""
+
+        async def call() -> AsyncStream[ChatCompletionChunk]:
+            return await self._client.chat.completions.create(
+                model=model,
+                messages=messages,
+                stream=True,
+                stream_options={"include_usage": True},
+                **params,
+            )
+
+        stream: AsyncStream[ChatCompletionChunk] = await self._with_retries(call)
+        return ReplyStream(stream, model=model, request_id=stream.response.headers.get("x-request-id"))
+
+
+def app_upstream(request: Request) -> Upstream | None:
+    """The app's upstream; None when no provider is configured."""
+    upstream: Upstream | None = request.app.state.upstream
+    return upstream
+
+
+UpstreamDep = Annotated[Upstream | None, Depends(app_upstream)]
