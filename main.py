@@ -1,9 +1,9 @@
 """openai_service: create the app, run the server, and the admin CLI.
 
-    python main.py [serve] [--host H] [--port P]   migrate, then serve
-    python main.py migrate                         apply migrations only
-    python main.py create-user NAME [--admin]
-    python main.py create-key (--admin | --user-id usr_...) [--name N]
+python main.py [serve] [--host H] [--port P]   migrate, then serve
+python main.py migrate                         apply migrations only
+python main.py create-user NAME [--admin]
+python main.py create-key (--admin | --user-id usr_...) [--name N]
 """
 
 import argparse
@@ -27,8 +27,9 @@ from app.core.logging import configure_logging, get_logger
 from app.core.middleware import RequestContextMiddleware
 from app.db.database import create_engine, create_session_factory
 from app.db.migrations import head_revision, upgrade_to_head
+from app.schemas.users import ApiKeyCreate, UserCreate
 from app.services.openai import Upstream
-from app.services.users import ensure_admin_user
+from app.services.users import create_key, create_user, ensure_admin_user
 
 log = get_logger("main")
 
@@ -97,9 +98,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 async def _cli_create_user(settings: Settings, name: str, admin: bool) -> str:
-    from app.schemas.users import UserCreate
-    from app.services.users import create_user
-
     engine = create_engine(settings)
     try:
         async with create_session_factory(engine)() as session:
@@ -110,9 +108,6 @@ async def _cli_create_user(settings: Settings, name: str, admin: bool) -> str:
 
 
 async def _cli_create_key(settings: Settings, user_id: str | None, admin: bool, name: str | None) -> str:
-    from app.schemas.users import ApiKeyCreate, UserCreate
-    from app.services.users import create_key, create_user
-
     engine = create_engine(settings)
     try:
         async with create_session_factory(engine)() as session:
@@ -163,8 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         port = args.port or settings.port
         print(f"openai_service on http://{host}:{port}  (API docs: http://{host}:{port}/docs)", file=sys.stderr)
         if settings.admin_api_key is None:
-            print("  no ADMIN_API_KEY set: create an admin key with `python main.py create-key --admin`",
-                  file=sys.stderr)
+            print(
+                "  no ADMIN_API_KEY set: create an admin key with `python main.py create-key --admin`", file=sys.stderr
+            )
         uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", access_log=False)
     return 0
 

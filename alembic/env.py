@@ -2,10 +2,10 @@
 
 import asyncio
 
-from alembic import context
 from sqlalchemy.engine import Connection
 
-from app.core.config import get_settings
+from alembic import context
+from app.core.config import get_settings, load_settings
 from app.db.database import create_engine
 from app.db.models import Base
 
@@ -30,8 +30,6 @@ def _run(connection: Connection) -> None:
 
 
 async def _run_online() -> None:
-    from app.core.config import load_settings
-
     engine = create_engine(load_settings(database_url=_url()))
     try:
         async with engine.connect() as connection:

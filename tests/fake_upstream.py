@@ -274,9 +274,7 @@ class _ApiError(Exception):
 # --------------------------------------------------------------------------- helpers
 
 
-def _json_response(
-    body: Any, status: int = 200, headers: dict[str, str] | None = None
-) -> Response:
+def _json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(
         orjson.dumps(body),
         status_code=status,
@@ -304,9 +302,7 @@ def message_text(message: Any) -> str:
         texts = [
             part["text"]
             for part in content
-            if isinstance(part, dict)
-            and part.get("type") == "text"
-            and isinstance(part.get("text"), str)
+            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
         ]
         return " ".join(texts)
     return ""
@@ -361,16 +357,14 @@ def _positive_int(body: dict[str, Any], name: str) -> int | None:
     if not isinstance(value, int) or isinstance(value, bool):
         raise _ApiError(
             400,
-            f"Invalid type for '{name}': expected an integer, "
-            f"but got {_type_name(value)} instead.",
+            f"Invalid type for '{name}': expected an integer, but got {_type_name(value)} instead.",
             param=name,
             code="invalid_type",
         )
     if value < 1:
         raise _ApiError(
             400,
-            f"Invalid '{name}': integer below minimum value. "
-            f"Expected a value >= 1, but got {value} instead.",
+            f"Invalid '{name}': integer below minimum value. Expected a value >= 1, but got {value} instead.",
             param=name,
             code="integer_below_min_value",
         )
@@ -617,9 +611,7 @@ class FakeUpstream:
             self._totals = Totals(
                 requests=t.requests + 1,
                 prompt_tokens=t.prompt_tokens + completion.prompt_tokens,
-                completion_tokens=t.completion_tokens
-                + words
-                + completion.reasoning_tokens,
+                completion_tokens=t.completion_tokens + words + completion.reasoning_tokens,
                 cached_tokens=t.cached_tokens + completion.cached_tokens,
                 reasoning_tokens=t.reasoning_tokens + completion.reasoning_tokens,
             )
@@ -636,9 +628,7 @@ class FakeUpstream:
         """Sleep up to ``seconds``; False if cut short (stopping, client gone)."""
         deadline = time.monotonic() + seconds
         while (remaining := deadline - time.monotonic()) > 0:
-            if self._stopping.is_set() or (
-                request is not None and await request.is_disconnected()
-            ):
+            if self._stopping.is_set() or (request is not None and await request.is_disconnected()):
                 return False
             await asyncio.sleep(min(remaining, _POLL_SECONDS))
         return True
@@ -668,9 +658,7 @@ class FakeUpstream:
         except orjson.JSONDecodeError:
             parsed = None
         request_id = f"req_{uuid.uuid4().hex}"
-        record = RecordedRequest(
-            scope["method"], scope["path"], headers, parsed, request_id, raw
-        )
+        record = RecordedRequest(scope["method"], scope["path"], headers, parsed, request_id, raw)
         with self._lock:
             self._records.append(record)
 
@@ -695,13 +683,11 @@ class FakeUpstream:
         authorization = headers.get("authorization")
         if authorization != f"Bearer {self._api_key}":
             if authorization is None:
-                message = _MISSING_KEY_MESSAGE
+                error_message = _MISSING_KEY_MESSAGE
             else:
-                supplied = authorization.removeprefix("Bearer ").strip()
-                message = (
-                    f"Incorrect API key provided: {_mask_key(supplied)}. {_KEY_HINT}"
-                )
-            error = _ApiError(401, message, code="invalid_api_key")
+                supplied = _mask_key(authorization.removeprefix("Bearer ").strip())
+                error_message = f"Incorrect API key provided: {supplied}. {_KEY_HINT}"
+            error = _ApiError(401, error_message, code="invalid_api_key")
             await error.response()(scope, replay_receive, send_with_id)
             return
         await self._app(scope, replay_receive, send_with_id)
@@ -714,9 +700,7 @@ class FakeUpstream:
         return _ApiError(status, message).response()
 
     async def _list_models(self, request: Request) -> Response:
-        return _json_response(
-            {"object": "list", "data": [self._model_object(m) for m in self._models]}
-        )
+        return _json_response({"object": "list", "data": [self._model_object(m) for m in self._models]})
 
     async def _get_model(self, request: Request) -> Response:
         model = str(request.path_params["model"])
@@ -759,11 +743,7 @@ class FakeUpstream:
 
         messages: list[Any] = body["messages"]
         last_user = next(
-            (
-                m
-                for m in reversed(messages)
-                if isinstance(m, dict) and m.get("role") == "user"
-            ),
+            (m for m in reversed(messages) if isinstance(m, dict) and m.get("role") == "user"),
             None,
         )
         text = self._next_reply("Echo: " + message_text(last_user))
@@ -790,12 +770,8 @@ class FakeUpstream:
 
         stream_options = body.get("stream_options") or {}
         completion.include_usage = bool(stream_options.get("include_usage"))
-        send_usage = completion.include_usage and not (
-            fault is not None and fault.kind == "omit_usage"
-        )
-        cut_after = (
-            fault.after_chunks if fault is not None and fault.kind == "cut" else None
-        )
+        send_usage = completion.include_usage and not (fault is not None and fault.kind == "omit_usage")
+        cut_after = fault.after_chunks if fault is not None and fault.kind == "cut" else None
         return StreamingResponse(
             self._stream(completion, send_usage, cut_after),
             media_type="text/event-stream; charset=utf-8",
@@ -820,8 +796,7 @@ class FakeUpstream:
         if not isinstance(model, str):
             raise _ApiError(
                 400,
-                f"Invalid type for 'model': expected a string, "
-                f"but got {_type_name(model)} instead.",
+                f"Invalid type for 'model': expected a string, but got {_type_name(model)} instead.",
                 param="model",
                 code="invalid_type",
             )
@@ -836,8 +811,7 @@ class FakeUpstream:
         if not isinstance(messages, list):
             raise _ApiError(
                 400,
-                f"Invalid type for 'messages': expected an array, "
-                f"but got {_type_name(messages)} instead.",
+                f"Invalid type for 'messages': expected an array, but got {_type_name(messages)} instead.",
                 param="messages",
                 code="invalid_type",
             )
@@ -853,18 +827,24 @@ class FakeUpstream:
             if not isinstance(message, dict):
                 raise _ApiError(
                     400,
-                    f"Invalid type for 'messages[{index}]': expected an object, "
-                    f"but got {_type_name(message)} instead.",
+                    f"Invalid type for 'messages[{index}]': expected an object, but got {_type_name(message)} instead.",
                     param=f"messages[{index}]",
                     code="invalid_type",
                 )
-        _positive_int(body, "max_tokens")
-        _positive_int(body, "max_completion_tokens")
-        if body.get("stream_options") is not None and body.get("stream") is not True:
+        stream_options = body.get("stream_options")
+        if stream_options is not None and not isinstance(stream_options, dict):
             raise _ApiError(
                 400,
-                "The 'stream_options' parameter is only allowed when 'stream' is "
-                "enabled.",
+                f"Invalid type for 'stream_options': expected an object, but got {_type_name(stream_options)} instead.",
+                param="stream_options",
+                code="invalid_type",
+            )
+        _positive_int(body, "max_tokens")
+        _positive_int(body, "max_completion_tokens")
+        if stream_options is not None and body.get("stream") is not True:
+            raise _ApiError(
+                400,
+                "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                 param="stream_options",
             )
         if model not in self._models:
@@ -881,11 +861,7 @@ class FakeUpstream:
                 "Injected error.",
             ),
         )
-        headers = (
-            {"retry-after": fault.retry_after}
-            if fault.retry_after is not None
-            else None
-        )
+        headers = {"retry-after": fault.retry_after} if fault.retry_after is not None else None
         return _ApiError(
             fault.status,
             fault.message if fault.message is not None else message,
@@ -920,9 +896,7 @@ class FakeUpstream:
         }
 
     @staticmethod
-    def _chunk(
-        c: _Completion, delta: dict[str, Any], finish_reason: str | None
-    ) -> dict[str, Any]:
+    def _chunk(c: _Completion, delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
         chunk: dict[str, Any] = {
             "id": c.completion_id,
             "object": "chat.completion.chunk",
@@ -943,9 +917,7 @@ class FakeUpstream:
             chunk["usage"] = None
         return chunk
 
-    async def _stream(
-        self, c: _Completion, send_usage: bool, cut_after: int | None
-    ) -> AsyncIterator[bytes]:
+    async def _stream(self, c: _Completion, send_usage: bool, cut_after: int | None) -> AsyncIterator[bytes]:
         """The SSE body.  Accounts for what was sent when it ends, however it ends."""
         try:
             yield _sse(self._chunk(c, {"role": "assistant", "content": ""}, None))

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
 from tests.fake_upstream import FakeUpstream
 
@@ -24,13 +25,11 @@ def _reset_fake(fake: FakeUpstream) -> None:
 
 @pytest.fixture(scope="module")
 def client(fake: FakeUpstream) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(
-        base_url=fake.base_url, api_key=fake.api_key, max_retries=0
-    ) as c:
+    with openai.OpenAI(base_url=fake.base_url, api_key=fake.api_key, max_retries=0) as c:
         yield c
 
 
-MESSAGES: list[openai.types.chat.ChatCompletionMessageParam] = [
+MESSAGES: list[ChatCompletionMessageParam] = [
     {"role": "system", "content": "You are terse."},
     {"role": "user", "content": "Hello there world"},
 ]
@@ -39,9 +38,7 @@ PROMPT_TOKENS = 15
 
 
 def test_non_stream_completion(fake: FakeUpstream, client: openai.OpenAI) -> None:
-    raw = client.chat.completions.with_raw_response.create(
-        model="gpt-4o-mini", messages=MESSAGES
-    )
+    raw = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MESSAGES)
     assert raw.headers["x-request-id"].startswith("req_")
     completion = raw.parse()
 
@@ -88,9 +85,7 @@ def test_truncation_and_extra_usage(fake: FakeUpstream, client: openai.OpenAI) -
     fake.cached_tokens = 5
     fake.reasoning_tokens = 7
     fake.queue_reply("alpha beta gamma delta")
-    completion = client.chat.completions.create(
-        model="o3-mini", messages=MESSAGES, max_completion_tokens=3
-    )
+    completion = client.chat.completions.create(model="o3-mini", messages=MESSAGES, max_completion_tokens=3)
     assert completion.choices[0].message.content == "alpha beta gamma"
     assert completion.choices[0].finish_reason == "length"
     usage = completion.usage
@@ -123,9 +118,7 @@ def test_stream_with_usage(fake: FakeUpstream, client: openai.OpenAI) -> None:
         chunks = list(stream)
 
     assert len({c.id for c in chunks}) == 1
-    assert all(
-        c.object == "chat.completion.chunk" and c.model == "gpt-4o" for c in chunks
-    )
+    assert all(c.object == "chat.completion.chunk" and c.model == "gpt-4o" for c in chunks)
     first, *words, finish, usage_chunk = chunks
     assert first.choices[0].delta.role == "assistant"
     assert first.choices[0].delta.content == ""
@@ -138,7 +131,8 @@ def test_stream_with_usage(fake: FakeUpstream, client: openai.OpenAI) -> None:
     assert finish.choices[0].finish_reason == "stop"
     assert finish.choices[0].delta.content is None
     for chunk in chunks[:-1]:
-        assert "usage" in chunk.model_fields_set and chunk.usage is None
+        assert "usage" in chunk.model_fields_set
+        assert chunk.usage is None
     assert usage_chunk.choices == []
     assert usage_chunk.usage is not None
     assert (usage_chunk.usage.prompt_tokens, usage_chunk.usage.completion_tokens) == (
@@ -151,9 +145,7 @@ def test_stream_with_usage(fake: FakeUpstream, client: openai.OpenAI) -> None:
 
 def test_stream_without_usage(fake: FakeUpstream, client: openai.OpenAI) -> None:
     fake.queue_reply("one two")
-    with client.chat.completions.create(
-        model="gpt-4o", messages=MESSAGES, stream=True
-    ) as stream:
+    with client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True) as stream:
         chunks = list(stream)
     assert len(chunks) == 4  # role, "one", " two", finish
     assert [c.choices[0].delta.content for c in chunks] == ["", "one", " two", None]
@@ -182,12 +174,18 @@ def test_rate_limit_with_retry_after(fake: FakeUpstream, client: openai.OpenAI) 
     assert err.response.headers["retry-after"] == "20"
     assert err.code == "rate_limit_exceeded"
     assert err.type == "requests"
-    assert err.request_id is not None and err.request_id.startswith("req_")
+    assert err.request_id is not None
+    assert err.request_id.startswith("req_")
     # the fault was consumed: the next request succeeds
     ok = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
     assert ok.choices[0].message.content == "Echo: Hello there world"
     assert len(fake.requests) == 2
     assert fake.totals.requests == 1
+
+
+def _collect_contents(stream: Iterable[ChatCompletionChunk], into: list[str | None]) -> None:
+    for chunk in stream:
+        into.append(chunk.choices[0].delta.content)
 
 
 def test_cut_stream_raises_in_sdk(fake: FakeUpstream, client: openai.OpenAI) -> None:
@@ -201,8 +199,7 @@ def test_cut_stream_raises_in_sdk(fake: FakeUpstream, client: openai.OpenAI) -> 
         stream_options={"include_usage": True},
     )
     with stream, pytest.raises(openai.APIConnectionError):
-        for chunk in stream:
-            received.append(chunk.choices[0].delta.content)
+        _collect_contents(stream, received)
     assert received == ["", "one", " two"]
     totals = fake.totals
     assert (totals.requests, totals.prompt_tokens, totals.completion_tokens) == (
@@ -214,9 +211,7 @@ def test_cut_stream_raises_in_sdk(fake: FakeUpstream, client: openai.OpenAI) -> 
 
 def test_bad_api_key(fake: FakeUpstream) -> None:
     with (
-        openai.OpenAI(
-            base_url=fake.base_url, api_key="sk-wrong-key", max_retries=0
-        ) as bad,
+        openai.OpenAI(base_url=fake.base_url, api_key="sk-wrong-key", max_retries=0) as bad,
         pytest.raises(openai.AuthenticationError) as excinfo,
     ):
         bad.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
@@ -251,15 +246,11 @@ def test_models_and_unknown_model(fake: FakeUpstream, client: openai.OpenAI) -> 
     assert bad.value.code == "empty_array"
 
 
-def test_hang_times_out_without_blocking_others(
-    fake: FakeUpstream, client: openai.OpenAI
-) -> None:
+def test_hang_times_out_without_blocking_others(fake: FakeUpstream, client: openai.OpenAI) -> None:
     fake.hang_next(5)
     started = time.monotonic()
     with pytest.raises(openai.APITimeoutError):
-        client.with_options(timeout=0.3).chat.completions.create(
-            model="gpt-4o", messages=MESSAGES
-        )
+        client.with_options(timeout=0.3).chat.completions.create(model="gpt-4o", messages=MESSAGES)
     # the hung request is still sleeping server-side; this one is served at once
     ok = client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     assert ok.choices[0].message.content == "Echo: Hello there world"
@@ -270,9 +261,7 @@ def test_hang_times_out_without_blocking_others(
 def test_slow_stream_disconnect(fake: FakeUpstream, client: openai.OpenAI) -> None:
     fake.slow_stream(0.1)
     fake.queue_reply(" ".join(f"w{i}" for i in range(50)))
-    with client.chat.completions.create(
-        model="gpt-4o", messages=MESSAGES, stream=True
-    ) as stream:
+    with client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True) as stream:
         for index, _chunk in enumerate(stream):
             if index == 2:
                 break

@@ -66,8 +66,7 @@ def _bearer(request: Request) -> str:
     header = request.headers.get("authorization")
     if not header:
         raise AuthenticationError(
-            "You didn't provide an API key. Provide it in the Authorization header "
-            "(Authorization: Bearer YOUR_KEY).",
+            "You didn't provide an API key. Provide it in the Authorization header (Authorization: Bearer YOUR_KEY).",
             code="missing_api_key",
         )
     scheme, _, token = header.partition(" ")

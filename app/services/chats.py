@@ -93,9 +93,7 @@ async def list_chats(
         select(*keys).where(Chat.id == page.after, Chat.user_id == principal.user_id),
         page.after,
     )
-    return await paginate(
-        session, stmt, keys, page, cursor, lambda c: chat_read(c, default_model), lambda c: c.id
-    )
+    return await paginate(session, stmt, keys, page, cursor, lambda c: chat_read(c, default_model), lambda c: c.id)
 
 
 async def update_chat(session: AsyncSession, principal: Principal, chat_id: str, data: ChatUpdate) -> Chat:

@@ -12,7 +12,9 @@ from app.services.messages import message_read
 from app.services.pagination import cursor_values, paginate
 
 
-async def read_messages(session: AsyncSession, principal: Principal, chat_id: str, page: ListParams) -> Page[MessageRead]:
+async def read_messages(
+    session: AsyncSession, principal: Principal, chat_id: str, page: ListParams
+) -> Page[MessageRead]:
     """A page of the caller's chat, in the order the messages were sent."""
     chat = await get_owned_chat(session, principal, chat_id)
     keys = (Message.seq,)

@@ -39,9 +39,9 @@ def message_read(message: Message) -> MessageRead:
         id=message.id,
         chat_id=message.chat_id,
         parent_id=message.parent_id,
-        role=message.role,  # type: ignore[arg-type]
+        role=message.role,
         content=message.content,
-        status=message.status,  # type: ignore[arg-type]
+        status=message.status,
         model=message.model,
         finish_reason=message.finish_reason,
         usage=Usage.model_validate(message.usage) if message.usage else None,
@@ -143,9 +143,7 @@ async def _store_reply(
     )
     try:
         session.add(reply)
-        await session.execute(
-            update(Chat).where(Chat.id == reply.chat_id).values(message_count=Chat.message_count + 1)
-        )
+        await session.execute(update(Chat).where(Chat.id == reply.chat_id).values(message_count=Chat.message_count + 1))
         await session.commit()
     except IntegrityError:
         await session.rollback()
@@ -242,8 +240,12 @@ async def _relay(factory: SessionFactory, turn: Turn, stream: ReplyStream) -> As
                     status="partial",
                     model=stream.model,
                     usage=stream.usage,
-                    error={"message": "The client disconnected before the reply was complete.",
-                           "type": "client_error", "param": None, "code": "client_disconnected"},
+                    error={
+                        "message": "The client disconnected before the reply was complete.",
+                        "type": "client_error",
+                        "param": None,
+                        "code": "client_disconnected",
+                    },
                     request_id=stream.request_id,
                 )
         raise

@@ -15,13 +15,13 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, cast
 
 import httpx2
 import openai
 from fastapi import Depends, Request
 from openai import AsyncOpenAI, AsyncStream
-from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessageParam
 
 from app.core.config import Settings
 from app.core.errors import (
@@ -79,12 +79,14 @@ class ReplyStream:
                     if text:
                         self.content.append(text)
                         yield text
-        except openai.APIError as exc:
+        except openai.APITimeoutError as exc:
             raise map_error(exc) from exc
-        except httpx2.HTTPError as exc:
+        except (openai.APIConnectionError, httpx2.HTTPError) as exc:
             raise UpstreamError(
                 "The upstream connection broke off in the middle of the reply.", code="upstream_stream_broken"
             ) from exc
+        except openai.APIError as exc:
+            raise map_error(exc) from exc
 
     async def aclose(self) -> None:
         await self._stream.close()
@@ -140,10 +142,15 @@ def map_error(exc: openai.APIError) -> AppError:
     return UpstreamError(f"The upstream failed (HTTP {status}): {message}")
 
 
+def _backoff(attempt: int) -> float:
+    """Exponential backoff with jitter: about 0.5 s, 1 s, 2 s ... at most 8 s."""
+    return float(min(0.5 * 2**attempt, 8.0) * (0.75 + random.random() / 2))
+
+
 def _retry_delay(exc: openai.APIError, attempt: int) -> float | None:
     """Seconds to wait before the next attempt, or None when a retry cannot help."""
     if isinstance(exc, openai.APIConnectionError):
-        return min(0.5 * 2**attempt, 8.0) * (0.75 + random.random() / 2)
+        return _backoff(attempt)
     if not isinstance(exc, openai.APIStatusError) or exc.status_code not in RETRYABLE_STATUS:
         return None
     headers = exc.response.headers
@@ -161,7 +168,7 @@ def _retry_delay(exc: openai.APIError, attempt: int) -> float | None:
             parsed = email.utils.parsedate_to_datetime(value) if value else None
             if parsed is not None:
                 return max(parsed.timestamp() - time.time(), 0.0)
-    return min(0.5 * 2**attempt, 8.0) * (0.75 + random.random() / 2)
+    return _backoff(attempt)
 
 
 class Upstream:
@@ -201,7 +208,10 @@ class Upstream:
 
         async def call() -> ChatCompletion:
             return await self._client.chat.completions.create(
-                model=model, messages=messages, stream=False, **params
+                model=model,
+                messages=cast(list[ChatCompletionMessageParam], messages),
+                stream=False,
+                extra_body=params,
             )
 
         result: ChatCompletion = await self._with_retries(call)
@@ -220,10 +230,10 @@ class Upstream:
         async def call() -> AsyncStream[ChatCompletionChunk]:
             return await self._client.chat.completions.create(
                 model=model,
-                messages=messages,
+                messages=cast(list[ChatCompletionMessageParam], messages),
                 stream=True,
                 stream_options={"include_usage": True},
-                **params,
+                extra_body=params,
             )
 
         stream: AsyncStream[ChatCompletionChunk] = await self._with_retries(call)

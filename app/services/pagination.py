@@ -26,21 +26,21 @@ def after_clause(
     return or_(*clauses)
 
 
-async def cursor_values(
-    session: AsyncSession, stmt: Select[Any], after: str | None
-) -> Sequence[Any] | None:
+async def cursor_values(session: AsyncSession, stmt: Select[*tuple[Any, ...]], after: str | None) -> Sequence[Any] | None:
     """The sort-key values of the cursor row, found with the caller's own scoped query."""
     if after is None:
         return None
     row = (await session.execute(stmt)).first()
     if row is None:
-        raise InvalidRequestError(f"No such object for cursor 'after': {after!r}.", param="after", code="invalid_cursor")
+        raise InvalidRequestError(
+            f"No such object for cursor 'after': {after!r}.", param="after", code="invalid_cursor"
+        )
     return tuple(row)
 
 
 async def paginate(
     session: AsyncSession,
-    stmt: Select[tuple[Row]],
+    stmt: Select[Row],
     keys: Sequence[InstrumentedAttribute[Any]],
     params: ListParams,
     cursor: Sequence[Any] | None,

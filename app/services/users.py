@@ -14,7 +14,7 @@ from app.services.pagination import cursor_values, paginate
 
 
 def user_read(user: User) -> UserRead:
-    return UserRead(id=user.id, name=user.name, role=user.role, created_at=user.created_at)  # type: ignore[arg-type]
+    return UserRead(id=user.id, name=user.name, role=user.role, created_at=user.created_at)
 
 
 def key_read(key: ApiKey) -> ApiKeyRead:
@@ -108,7 +108,7 @@ async def describe_caller(session: AsyncSession, principal: Principal) -> MeRead
     user = await session.get(User, principal.user_id)
     return MeRead(
         user=user_read(user) if user else None,
-        role=principal.role,  # type: ignore[arg-type]
+        role=principal.role,
         key_id=principal.key_id,
         key_name=principal.key_name,
         allowed_models=list(principal.allowed_models) if principal.allowed_models is not None else None,
