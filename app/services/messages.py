@@ -10,9 +10,9 @@ Concurrent sends to one chat therefore never wait on each other's model call,
 and every message gets exactly one defined position.
 """
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import orjson
@@ -32,6 +32,8 @@ from app.services.context import build_context
 from app.services.openai import ReplyStream, Upstream
 
 log = get_logger(__name__)
+
+T = TypeVar("T")
 
 
 def message_read(message: Message) -> MessageRead:
@@ -156,6 +158,26 @@ def _chat_gone(chat_id: str) -> NotFoundError:
     return NotFoundError(f"Chat '{chat_id}' was deleted while the model was replying.", param="chat_id")
 
 
+async def _open_turn(
+    session: AsyncSession,
+    upstream: Upstream | None,
+    principal: Principal,
+    chat_id: str,
+    data: MessageCreate,
+    settings: Settings,
+    call: Callable[[Upstream, Turn], Awaitable[T]],
+) -> tuple[Turn, T]:
+    """Store the user's message and make the upstream call; a failed call is stored as an error reply."""
+    chat = await get_owned_chat(session, principal, chat_id)
+    client = _require(upstream)
+    turn = await _start_turn(session, principal, chat, data, settings)
+    try:
+        return turn, await call(client, turn)
+    except AppError as exc:
+        await _store_reply(session, turn, content="", status="error", model=turn.model, error=exc.body()["error"])
+        raise
+
+
 async def send_message(
     session: AsyncSession,
     upstream: Upstream | None,
@@ -165,14 +187,9 @@ async def send_message(
     settings: Settings,
 ) -> SendResult:
     """Store the user's message, get the whole reply, store it and return both."""
-    chat = await get_owned_chat(session, principal, chat_id)
-    client = _require(upstream)
-    turn = await _start_turn(session, principal, chat, data, settings)
-    try:
-        completion = await client.complete(turn.model, turn.context, turn.params)
-    except AppError as exc:
-        await _store_reply(session, turn, content="", status="error", model=turn.model, error=exc.body()["error"])
-        raise
+    turn, completion = await _open_turn(
+        session, upstream, principal, chat_id, data, settings, lambda c, t: c.complete(t.model, t.context, t.params)
+    )
     reply = await _store_reply(
         session,
         turn,
@@ -207,14 +224,9 @@ async def start_stream(
     settings: Settings,
 ) -> AsyncIterator[bytes]:
     """Store the user's message and open the upstream stream; failures so far are plain HTTP errors."""
-    chat = await get_owned_chat(session, principal, chat_id)
-    client = _require(upstream)
-    turn = await _start_turn(session, principal, chat, data, settings)
-    try:
-        stream = await client.stream(turn.model, turn.context, turn.params)
-    except AppError as exc:
-        await _store_reply(session, turn, content="", status="error", model=turn.model, error=exc.body()["error"])
-        raise
+    turn, stream = await _open_turn(
+        session, upstream, principal, chat_id, data, settings, lambda c, t: c.stream(t.model, t.context, t.params)
+    )
     return _relay(factory, turn, stream)
 
 

@@ -26,7 +26,9 @@ def after_clause(
     return or_(*clauses)
 
 
-async def cursor_values(session: AsyncSession, stmt: Select[*tuple[Any, ...]], after: str | None) -> Sequence[Any] | None:
+async def cursor_values(
+    session: AsyncSession, stmt: Select[*tuple[Any, ...]], after: str | None
+) -> Sequence[Any] | None:
     """The sort-key values of the cursor row, found with the caller's own scoped query."""
     if after is None:
         return None
