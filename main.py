@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.resources import files
 
+import anyio
 import uvicorn
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -28,7 +29,10 @@ from app.core.middleware import RequestContextMiddleware
 from app.db.database import create_engine, create_session_factory
 from app.db.migrations import head_revision, upgrade_to_head
 from app.schemas.users import ApiKeyCreate, UserCreate
+from app.services.catalog import ModelCatalog
 from app.services.openai import Upstream
+from app.services.tokens import Tokenizer
+from app.services.usage import Accounting
 from app.services.users import create_key, create_user, ensure_admin_user
 
 log = get_logger("main")
@@ -46,6 +50,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.session_factory = create_session_factory(engine)
         app.state.schema_head = head_revision()
         app.state.upstream = Upstream(settings) if settings.openai_api_key else None
+        tokenizer = Tokenizer()
+        await anyio.to_thread.run_sync(tokenizer.preload)
+        catalog = ModelCatalog.load(overrides=settings.model_catalog_file)
+        app.state.accounting = Accounting(catalog, tokenizer)
         if settings.admin_api_key is not None:
             async with app.state.session_factory() as session:
                 await ensure_admin_user(session)
@@ -77,7 +85,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     install_error_handlers(app)
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_request_bytes)
+    app.add_middleware(
+        RequestContextMiddleware,
+        max_body_bytes=settings.max_request_bytes,
+        authenticated_prefixes=("/api/v1/", "/v1/"),
+    )
     app.include_router(health.router)
     app.include_router(api_router)
 

@@ -44,11 +44,14 @@ more words than that, it is cut right after that many words and
 
 Token counting
 --------------
-A "word" is a maximal run of non-whitespace characters (``str.split()``).
+As OpenAI counts: with the model's tiktoken encoding (the project's own
+``app.services.tokens.Tokenizer``, whose tables are checked against known
+counts in ``tests/test_tokens.py``).
 
-* ``prompt_tokens = 3 + sum(3 + words(text content of m) for m in messages)``
-* ``completion_tokens = words(reply) + reasoning_tokens``
-* ``total_tokens = prompt_tokens + completion_tokens``
+* ``prompt_tokens`` = the chat-format count of ``messages`` (3 per message,
+  its fields, 3 priming the reply);
+* ``completion_tokens`` = tokens of the reply text sent + ``reasoning_tokens``;
+* ``total_tokens = prompt_tokens + completion_tokens``;
 * ``prompt_tokens_details.cached_tokens = fake.cached_tokens`` (default 0) and
   ``completion_tokens_details.reasoning_tokens = fake.reasoning_tokens``
   (default 0); the audio and prediction counts are always 0.
@@ -83,7 +86,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -97,12 +100,13 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
+from app.services.tokens import Tokenizer
+
 __all__ = [
     "DEFAULT_MODELS",
     "FakeUpstream",
     "RecordedRequest",
     "Totals",
-    "count_prompt_tokens",
     "message_text",
 ]
 
@@ -213,11 +217,16 @@ class _Completion:
     prompt_tokens: int
     cached_tokens: int
     reasoning_tokens: int
+    count: Callable[[str], int]
     include_usage: bool = False
     words_sent: int = field(default=0)
 
+    def text_tokens(self, words: int) -> int:
+        """Tokens of the first `words` pieces of the reply, as OpenAI would count them."""
+        return self.count("".join(self.pieces[:words]))
+
     def usage(self, words: int) -> dict[str, Any]:
-        completion_tokens = words + self.reasoning_tokens
+        completion_tokens = self.text_tokens(words) + self.reasoning_tokens
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": completion_tokens,
@@ -308,11 +317,6 @@ def message_text(message: Any) -> str:
     return ""
 
 
-def count_prompt_tokens(messages: Iterable[Any]) -> int:
-    """``3 + sum(3 + words(text of message))``, the documented counting rule."""
-    return 3 + sum(3 + _words(message_text(m)) for m in messages)
-
-
 def _split_reply(text: str, limit: int | None) -> tuple[list[str], str, str]:
     """Split the reply into stream pieces; return (pieces, content, finish_reason)."""
     matches = list(_WORD.finditer(text))
@@ -388,6 +392,8 @@ class FakeUpstream:
         self._models: tuple[str, ...] = tuple(models)
         self._startup_timeout = startup_timeout
         self._lock = threading.Lock()
+        # Tokens are counted as OpenAI counts them, with the project's tiktoken tables.
+        self._tokenizer = Tokenizer()
         self._stopping = threading.Event()
         self._faults: deque[_Fault] = deque()
         self._replies: deque[str] = deque()
@@ -414,6 +420,7 @@ class FakeUpstream:
         """Start serving; returns once the server accepts connections."""
         if self._server is not None:
             raise RuntimeError("FakeUpstream can only be started once")
+        self._tokenizer.preload()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.bind(("127.0.0.1", 0))
@@ -611,7 +618,7 @@ class FakeUpstream:
             self._totals = Totals(
                 requests=t.requests + 1,
                 prompt_tokens=t.prompt_tokens + completion.prompt_tokens,
-                completion_tokens=t.completion_tokens + words + completion.reasoning_tokens,
+                completion_tokens=t.completion_tokens + completion.text_tokens(words) + completion.reasoning_tokens,
                 cached_tokens=t.cached_tokens + completion.cached_tokens,
                 reasoning_tokens=t.reasoning_tokens + completion.reasoning_tokens,
             )
@@ -760,9 +767,10 @@ class FakeUpstream:
             pieces=pieces,
             content=content,
             finish_reason=finish_reason,
-            prompt_tokens=count_prompt_tokens(messages),
+            prompt_tokens=self._tokenizer.count_messages(messages, body["model"]).tokens,
             cached_tokens=cached,
             reasoning_tokens=reasoning,
+            count=lambda text: self._tokenizer.count_text(text, body["model"]).tokens,
         )
         if body.get("stream") is not True:
             self._account(completion, len(pieces))

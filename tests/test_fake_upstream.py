@@ -33,8 +33,9 @@ MESSAGES: list[ChatCompletionMessageParam] = [
     {"role": "system", "content": "You are terse."},
     {"role": "user", "content": "Hello there world"},
 ]
-# 3 + (3 + 3 words) + (3 + 3 words) = 15 prompt tokens; reply "Echo: Hello there world"
-PROMPT_TOKENS = 15
+# o200k_base: 3 + (3 + 1 "system" + 4 "You are terse.") + (3 + 1 "user" + 3) + 3 = 18 prompt tokens;
+# the reply "Echo: Hello there world" is 5 tokens ("Echo", ":", " Hello", " there", " world").
+PROMPT_TOKENS = 18
 
 
 def test_non_stream_completion(fake: FakeUpstream, client: openai.OpenAI) -> None:
@@ -54,11 +55,11 @@ def test_non_stream_completion(fake: FakeUpstream, client: openai.OpenAI) -> Non
     assert choice.message.content == "Echo: Hello there world"
     assert choice.message.refusal is None
     assert completion.usage is not None
-    assert completion.usage.total_tokens == 19
+    assert completion.usage.total_tokens == 23
     assert raw.http_response.json()["usage"] == {
         "prompt_tokens": PROMPT_TOKENS,
-        "completion_tokens": 4,
-        "total_tokens": 19,
+        "completion_tokens": 5,
+        "total_tokens": 23,
         "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
         "completion_tokens_details": {
             "reasoning_tokens": 0,
@@ -76,8 +77,8 @@ def test_non_stream_completion(fake: FakeUpstream, client: openai.OpenAI) -> Non
     totals = fake.totals
     assert (totals.requests, totals.prompt_tokens, totals.completion_tokens) == (
         1,
-        15,
-        4,
+        PROMPT_TOKENS,
+        5,
     )
 
 
@@ -91,9 +92,9 @@ def test_truncation_and_extra_usage(fake: FakeUpstream, client: openai.OpenAI) -
     usage = completion.usage
     assert usage is not None
     assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (
-        15,
+        PROMPT_TOKENS,
         10,
-        25,
+        28,
     )
     assert usage.prompt_tokens_details is not None
     assert usage.prompt_tokens_details.cached_tokens == 5
@@ -136,11 +137,11 @@ def test_stream_with_usage(fake: FakeUpstream, client: openai.OpenAI) -> None:
     assert usage_chunk.choices == []
     assert usage_chunk.usage is not None
     assert (usage_chunk.usage.prompt_tokens, usage_chunk.usage.completion_tokens) == (
-        15,
-        4,
+        PROMPT_TOKENS,
+        5,
     )
-    assert usage_chunk.usage.total_tokens == 19
-    assert fake.totals.completion_tokens == 4
+    assert usage_chunk.usage.total_tokens == 23
+    assert fake.totals.completion_tokens == 5
 
 
 def test_stream_without_usage(fake: FakeUpstream, client: openai.OpenAI) -> None:
@@ -204,7 +205,7 @@ def test_cut_stream_raises_in_sdk(fake: FakeUpstream, client: openai.OpenAI) -> 
     totals = fake.totals
     assert (totals.requests, totals.prompt_tokens, totals.completion_tokens) == (
         1,
-        15,
+        PROMPT_TOKENS,
         2,
     )
 

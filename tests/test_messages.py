@@ -15,13 +15,17 @@ from tests.server import ThreadedServer
 from tests.sse import collect, events
 
 
-def usage(prompt: int, completion: int, cached: int = 0, reasoning: int = 0) -> dict[str, Any]:
+def usage(
+    prompt: int, completion: int, cached: int = 0, reasoning: int = 0, source: str = "reported"
+) -> dict[str, Any]:
+    """Usage as the service reports it. Counts are o200k_base tokens, as OpenAI counts for gpt-4o-mini."""
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
         "prompt_tokens_details": {"cached_tokens": cached},
         "completion_tokens_details": {"reasoning_tokens": reasoning},
+        "source": source,
     }
 
 
@@ -48,8 +52,8 @@ def test_send_stores_both_messages_and_returns_usage(alice: Caller, upstream: Fa
     assert reply["parent_id"] == user["id"]
     assert reply["model"] == "gpt-4o-mini"
     assert reply["finish_reason"] == "stop"
-    # prompt: 3 + (3 + 2 words); completion: 3 words
-    assert reply["usage"] == usage(8, 3)
+    # prompt: 3 + (3 + "user" 1 + "hello there" 2) + 3 priming; completion: "Echo", ":", " hello", " there"
+    assert reply["usage"] == usage(9, 4)
     assert body["usage"] == reply["usage"]
     assert [m["id"] for m in history(alice, chat["id"])] == [user["id"], reply["id"]]
     assert alice.http.get(f"/api/v1/chats/{chat['id']}").json()["message_count"] == 2
@@ -60,7 +64,7 @@ def test_send_reports_cached_and_reasoning_tokens(alice: Caller, upstream: FakeU
     upstream.reasoning_tokens = 7
     chat = alice.chat()
     reply = send(alice, chat["id"], content="hi").json()["assistant_message"]
-    assert reply["usage"] == usage(7, 2 + 7, cached=4, reasoning=7)
+    assert reply["usage"] == usage(8, 3 + 7, cached=4, reasoning=7)
 
 
 def test_context_sent_upstream_has_system_prompt_and_history(alice: Caller, upstream: FakeUpstream) -> None:
@@ -101,17 +105,19 @@ def test_stream_emits_typed_events_and_stores_reply(alice: Caller, upstream: Fak
     reply = completed["message"]
     assert all(data["message_id"] == reply["id"] for kind, data in got if kind == "message.delta")
     assert (reply["content"], reply["status"], reply["finish_reason"]) == ("Echo: one two", "complete", "stop")
-    assert reply["usage"] == usage(8, 3)
+    assert reply["usage"] == usage(9, 4)
     assert upstream.requests[-1].body["stream_options"] == {"include_usage": True}
     assert [m["content"] for m in history(alice, chat["id"])] == ["one two", "Echo: one two"]
 
 
-def test_stream_without_usage_chunk_stores_reply_without_usage(alice: Caller, upstream: FakeUpstream) -> None:
+def test_stream_without_usage_chunk_stores_estimated_usage(alice: Caller, upstream: FakeUpstream) -> None:
     upstream.omit_usage_next()
     chat = alice.chat()
     got = collect(alice.http, f"/api/v1/chats/{chat['id']}/messages", {"content": "x", "stream": True})
     reply = got[-2][1]["message"]
-    assert (reply["content"], reply["status"], reply["usage"]) == ("Echo: x", "complete", None)
+    assert (reply["content"], reply["status"]) == ("Echo: x", "complete")
+    # Counted here, exactly as the upstream would have: prompt 3 + (3 + 1 + 1) + 3, reply "Echo", ":", " x".
+    assert reply["usage"] == usage(8, 3, source="estimated")
 
 
 def test_stream_cut_by_upstream_ends_with_error_event_and_keeps_partial(alice: Caller, upstream: FakeUpstream) -> None:

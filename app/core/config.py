@@ -1,6 +1,7 @@
 """Settings, read once from the environment and `.env`."""
 
 from functools import lru_cache
+from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import Depends, Request
@@ -29,6 +30,9 @@ class Settings(BaseSettings):
     openai_max_retries: int = Field(default=2, ge=0, le=2)
     openai_retry_max_wait: float = Field(default=20.0, ge=0, le=600)
     max_request_bytes: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    model_catalog_file: Path | None = Field(
+        default=None, description="A JSON file of model entries merged over the shipped catalog"
+    )
     redis_url: str | None = None
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)

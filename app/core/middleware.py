@@ -10,8 +10,9 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.core.errors import PayloadTooLargeError, error_response
+from app.core.errors import AppError, PayloadTooLargeError, error_response
 from app.core.logging import get_logger, request_id_var
+from app.core.security import bearer_token
 
 log = get_logger("access")
 
@@ -23,11 +24,13 @@ class _BodyTooLarge(Exception):
 
 
 class RequestContextMiddleware:
-    """Tag every request with an id (echoed as `x-request-id`), cap its body, log its outcome."""
+    """Tag every request with an id (echoed as `x-request-id`), cap its body, log its outcome,
+    and turn away requests under `authenticated_prefixes` that carry no bearer key."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, authenticated_prefixes: tuple[str, ...] = ()) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.authenticated_prefixes = authenticated_prefixes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -61,6 +64,14 @@ class RequestContextMiddleware:
             return message
 
         try:
+            if scope["path"].startswith(self.authenticated_prefixes):
+                # Refuse a request with no usable key before its body is even parsed,
+                # so it gets OpenAI's 401 and not a complaint about its JSON.
+                try:
+                    bearer_token(headers[b"authorization"].decode("latin-1") if b"authorization" in headers else None)
+                except AppError as refusal:
+                    await error_response(refusal)(scope, receive, send_with_id)
+                    return
             declared = headers.get(b"content-length")
             if declared is not None and declared.isdigit() and int(declared) > limit:
                 raise _BodyTooLarge

@@ -62,8 +62,8 @@ class Principal:
             )
 
 
-def _bearer(request: Request) -> str:
-    header = request.headers.get("authorization")
+def bearer_token(header: str | None) -> str:
+    """The key in an `Authorization: Bearer` header, or a 401 saying what is wrong with it."""
     if not header:
         raise AuthenticationError(
             "You didn't provide an API key. Provide it in the Authorization header (Authorization: Bearer YOUR_KEY).",
@@ -78,7 +78,7 @@ def _bearer(request: Request) -> str:
 
 async def current_principal(request: Request, session: SessionDep, settings: SettingsDep) -> Principal:
     """Authenticate the bearer key: unknown, revoked and expired keys are all a 401."""
-    token = _bearer(request)
+    token = bearer_token(request.headers.get("authorization"))
     admin_key = settings.admin_api_key
     if admin_key is not None and hmac.compare_digest(token.encode(), admin_key.get_secret_value().encode()):
         return Principal(ADMIN_USER_ID, "admin", ENV_ADMIN_KEY_ID, "ADMIN_API_KEY", None)

@@ -94,6 +94,9 @@ class Usage(BaseModel):
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
     completion_tokens_details: CompletionTokensDetails = Field(default_factory=CompletionTokensDetails)
+    source: Literal["reported", "estimated"] = Field(
+        default="reported", description="`estimated`: counted by this service because the upstream did not report"
+    )
 
 
 class MessageRead(BaseModel):

@@ -11,7 +11,7 @@ and every message gets exactly one defined position.
 """
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import anyio
@@ -25,11 +25,12 @@ from app.core.errors import AppError, NotFoundError, ServiceUnavailableError
 from app.core.logging import get_logger
 from app.core.security import Principal
 from app.db.database import SessionFactory
-from app.db.models import Chat, Message, new_id, utcnow
+from app.db.models import Chat, Message, UsageRecord, new_id, utcnow
 from app.schemas.chat import ChatParams, MessageCreate, MessageRead, SendResult, Usage
 from app.services.chats import get_owned_chat
 from app.services.context import build_context
-from app.services.openai import ReplyStream, Upstream
+from app.services.openai import Attempt, ReplyStream, Upstream
+from app.services.usage import Accounting, CallContext
 
 log = get_logger(__name__)
 
@@ -62,6 +63,8 @@ class Turn:
     model: str
     context: list[dict[str, Any]]
     params: dict[str, Any]
+    call: CallContext
+    failed: list[Attempt] = field(default_factory=list)
 
 
 def _require(upstream: Upstream | None) -> Upstream:
@@ -111,22 +114,46 @@ async def _start_turn(
     await session.flush()
     context = await build_context(session, chat, seq + 1)
     await session.commit()
-    return Turn(user_message, new_id("msg"), seq + 1, model, context, params)
+    call = CallContext(principal.user_id, principal.key_id, chat.id, "chat.message")
+    return Turn(user_message, new_id("msg"), seq + 1, model, context, params, call)
 
 
 async def _store_reply(
     session: AsyncSession,
+    accounting: Accounting,
     turn: Turn,
     *,
     content: str,
     status: str,
-    model: str | None,
+    model: str,
+    attempt: Attempt | None,
     finish_reason: str | None = None,
     usage: dict[str, Any] | None = None,
     error: dict[str, Any] | None = None,
-    request_id: str | None = None,
+    stream: bool = False,
 ) -> Message | None:
-    """Store the reply; None when the chat was deleted while the model answered."""
+    """Store the reply and its ledger rows in one transaction.
+
+    Returns None when the chat was deleted while the model answered; the ledger
+    rows are stored all the same, since the tokens were spent.
+    """
+    records = [
+        accounting.failed(turn.call, turn.model, failed, n, stream=stream) for n, failed in enumerate(turn.failed, 1)
+    ]
+    if attempt is not None:
+        usage = {"source": "reported", **usage} if usage else accounting.estimate(model, turn.context, content)
+        records.append(
+            accounting.completed(
+                turn.call,
+                model_requested=turn.model,
+                model=model,
+                attempt=attempt,
+                number=len(turn.failed) + 1,
+                usage=usage,
+                stream=stream,
+                message_id=turn.reply_id,
+            )
+        )
     reply = Message(
         id=turn.reply_id,
         chat_id=turn.user_message.chat_id,
@@ -140,18 +167,25 @@ async def _store_reply(
         finish_reason=finish_reason,
         usage=usage,
         error=error,
-        upstream_request_id=request_id,
+        upstream_request_id=attempt.request_id if attempt else None,
         created_at=utcnow(),
     )
     try:
-        session.add(reply)
+        session.add_all([reply, *records])
         await session.execute(update(Chat).where(Chat.id == reply.chat_id).values(message_count=Chat.message_count + 1))
         await session.commit()
     except IntegrityError:
         await session.rollback()
         log.info("reply_dropped_chat_deleted", extra={"chat_id": reply.chat_id})
+        session.add_all([_detached_copy(r) for r in records])
+        await session.commit()
         return None
     return reply
+
+
+def _detached_copy(record: UsageRecord) -> UsageRecord:
+    columns = {c.key: getattr(record, c.key) for c in UsageRecord.__table__.columns if c.key != "id"}
+    return UsageRecord(**columns)
 
 
 def _chat_gone(chat_id: str) -> NotFoundError:
@@ -161,6 +195,7 @@ def _chat_gone(chat_id: str) -> NotFoundError:
 async def _open_turn(
     session: AsyncSession,
     upstream: Upstream | None,
+    accounting: Accounting,
     principal: Principal,
     chat_id: str,
     data: MessageCreate,
@@ -174,13 +209,23 @@ async def _open_turn(
     try:
         return turn, await call(client, turn)
     except AppError as exc:
-        await _store_reply(session, turn, content="", status="error", model=turn.model, error=exc.body()["error"])
+        await _store_reply(
+            session,
+            accounting,
+            turn,
+            content="",
+            status="error",
+            model=turn.model,
+            attempt=None,
+            error=exc.body()["error"],
+        )
         raise
 
 
 async def send_message(
     session: AsyncSession,
     upstream: Upstream | None,
+    accounting: Accounting,
     principal: Principal,
     chat_id: str,
     data: MessageCreate,
@@ -188,17 +233,25 @@ async def send_message(
 ) -> SendResult:
     """Store the user's message, get the whole reply, store it and return both."""
     turn, completion = await _open_turn(
-        session, upstream, principal, chat_id, data, settings, lambda c, t: c.complete(t.model, t.context, t.params)
+        session,
+        upstream,
+        accounting,
+        principal,
+        chat_id,
+        data,
+        settings,
+        lambda c, t: c.complete(t.model, t.context, t.params, t.failed),
     )
     reply = await _store_reply(
         session,
+        accounting,
         turn,
         content=completion.content,
         status="complete",
         model=completion.model,
+        attempt=completion.attempt,
         finish_reason=completion.finish_reason,
         usage=completion.usage,
-        request_id=completion.request_id,
     )
     if reply is None:
         raise _chat_gone(chat_id)
@@ -212,11 +265,20 @@ def sse(event: str, payload: dict[str, Any]) -> bytes:
 
 
 SSE_DONE = b"data: [DONE]\n\n"
+# nginx's code for "client closed the request": the ledger's status for a stream the client left.
+CLIENT_CLOSED_REQUEST = 499
+CLIENT_DISCONNECTED = {
+    "message": "The client disconnected before the reply was complete.",
+    "type": "client_error",
+    "param": None,
+    "code": "client_disconnected",
+}
 
 
 async def start_stream(
     session: AsyncSession,
     upstream: Upstream | None,
+    accounting: Accounting,
     factory: SessionFactory,
     principal: Principal,
     chat_id: str,
@@ -225,13 +287,22 @@ async def start_stream(
 ) -> AsyncIterator[bytes]:
     """Store the user's message and open the upstream stream; failures so far are plain HTTP errors."""
     turn, stream = await _open_turn(
-        session, upstream, principal, chat_id, data, settings, lambda c, t: c.stream(t.model, t.context, t.params)
+        session,
+        upstream,
+        accounting,
+        principal,
+        chat_id,
+        data,
+        settings,
+        lambda c, t: c.stream(t.model, t.context, t.params, t.failed),
     )
-    return _relay(factory, turn, stream)
+    return _relay(factory, accounting, turn, stream)
 
 
-async def _relay(factory: SessionFactory, turn: Turn, stream: ReplyStream) -> AsyncIterator[bytes]:
-    """Relay the reply as SSE events, and store it however the stream ends."""
+async def _relay(
+    factory: SessionFactory, accounting: Accounting, turn: Turn, stream: ReplyStream
+) -> AsyncIterator[bytes]:
+    """Relay the reply as SSE events, and store it (and its usage) however the stream ends."""
     yield sse("message.created", {"message": message_read(turn.user_message).model_dump(mode="json")})
     failure: AppError | None = None
     try:
@@ -241,41 +312,45 @@ async def _relay(factory: SessionFactory, turn: Turn, stream: ReplyStream) -> As
         except AppError as exc:
             failure = exc
     except BaseException:
-        # The client went away (we are being cancelled): keep what it was shown.
+        # The client went away (we are being cancelled): keep what it was shown, and count it.
         with anyio.CancelScope(shield=True):
             await stream.aclose()
+            attempt = stream.finish()
+            attempt.status_code, attempt.error_code = CLIENT_CLOSED_REQUEST, "client_disconnected"
             async with factory() as session:
                 await _store_reply(
                     session,
+                    accounting,
                     turn,
                     content="".join(stream.content),
                     status="partial",
                     model=stream.model,
+                    attempt=attempt,
                     usage=stream.usage,
-                    error={
-                        "message": "The client disconnected before the reply was complete.",
-                        "type": "client_error",
-                        "param": None,
-                        "code": "client_disconnected",
-                    },
-                    request_id=stream.request_id,
+                    error=CLIENT_DISCONNECTED,
+                    stream=True,
                 )
         raise
 
     content = "".join(stream.content)
     with anyio.CancelScope(shield=True):
         await stream.aclose()
+        attempt = stream.finish()
+        if failure is not None:
+            attempt.status_code, attempt.error_code = failure.status_code, failure.code
         async with factory() as session:
             reply = await _store_reply(
                 session,
+                accounting,
                 turn,
                 content=content,
                 status="complete" if failure is None else ("partial" if content else "error"),
                 model=stream.model,
+                attempt=attempt,
                 finish_reason=stream.finish_reason,
                 usage=stream.usage,
                 error=failure.body()["error"] if failure else None,
-                request_id=stream.request_id,
+                stream=True,
             )
     if reply is None:
         failure = _chat_gone(turn.user_message.chat_id)

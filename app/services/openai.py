@@ -15,6 +15,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Annotated, Any, TypeVar, cast
 
 import httpx2
@@ -33,11 +34,25 @@ from app.core.errors import (
     UpstreamTimeoutError,
 )
 from app.core.logging import get_logger
+from app.db.models import utcnow
 
 log = get_logger(__name__)
 
 T = TypeVar("T")
 RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One upstream call, as the usage ledger records it."""
+
+    started_at: datetime
+    latency_ms: float
+    status_code: int
+    error_code: str | None = None
+    request_id: str | None = None
+    ttft_ms: float | None = None
+    clock: float = field(default=0.0, repr=False)  # perf_counter() at the start
 
 
 @dataclass(slots=True)
@@ -48,7 +63,7 @@ class Completion:
     model: str
     finish_reason: str | None
     usage: dict[str, Any] | None
-    request_id: str | None
+    attempt: Attempt
 
 
 @dataclass(slots=True)
@@ -57,10 +72,15 @@ class ReplyStream:
 
     _stream: AsyncStream[ChatCompletionChunk]
     model: str
-    request_id: str | None
+    attempt: Attempt
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
     content: list[str] = field(default_factory=list)
+
+    def finish(self) -> Attempt:
+        """The attempt's timing, measured up to now (call when the stream has ended)."""
+        self.attempt.latency_ms = _elapsed_ms(self.attempt.clock)
+        return self.attempt
 
     async def deltas(self) -> AsyncIterator[str]:
         """Yield text as it arrives; a broken stream raises an `UpstreamError`."""
@@ -77,6 +97,8 @@ class ReplyStream:
                         self.finish_reason = choice.finish_reason
                     text = choice.delta.content
                     if text:
+                        if self.attempt.ttft_ms is None:
+                            self.attempt.ttft_ms = _elapsed_ms(self.attempt.clock)
                         self.content.append(text)
                         yield text
         except openai.APITimeoutError as exc:
@@ -187,23 +209,33 @@ class Upstream:
     async def aclose(self) -> None:
         await self._client.close()
 
-    async def _with_retries(self, call: Callable[[], Awaitable[T]]) -> T:
+    async def _with_retries(self, call: Callable[[], Awaitable[T]], failed: list[Attempt]) -> tuple[T, Attempt]:
+        """Make the call, retrying what can be retried; every failed attempt is appended to `failed`."""
         attempts = 1 + self._settings.openai_max_retries
         for attempt in range(attempts):
+            started_at, started = utcnow(), time.perf_counter()
             try:
-                return await call()
+                result = await call()
             except openai.APIError as exc:
+                error = map_error(exc)
+                status = exc.status_code if isinstance(exc, openai.APIStatusError) else error.status_code
+                request_id = exc.request_id if isinstance(exc, openai.APIStatusError) else None
+                failed.append(Attempt(started_at, _elapsed_ms(started), status, error.code, request_id))
                 delay = _retry_delay(exc, attempt) if attempt + 1 < attempts else None
                 if delay is None or delay > self._settings.openai_retry_max_wait:
-                    raise map_error(exc) from exc
+                    raise error from exc
                 log.warning(
                     "upstream_retry",
-                    extra={"attempt": attempt + 1, "delay_s": round(delay, 3), "error": type(exc).__name__},
+                    extra={"attempt": attempt + 1, "delay_s": round(delay, 3), "status": status},
                 )
                 await asyncio.sleep(delay)
+            else:
+                return result, Attempt(started_at, _elapsed_ms(started), 200, clock=started)
         raise AssertionError("unreachable")
 
-    async def complete(self, model: str, messages: list[dict[str, Any]], params: dict[str, Any]) -> Completion:
+    async def complete(
+        self, model: str, messages: list[dict[str, Any]], params: dict[str, Any], failed: list[Attempt]
+    ) -> Completion:
         """Ask for a whole reply."""
 
         async def call() -> ChatCompletion:
@@ -214,17 +246,20 @@ class Upstream:
                 extra_body=params,
             )
 
-        result: ChatCompletion = await self._with_retries(call)
+        result, attempt = await self._with_retries(call, failed)
+        attempt.request_id = result._request_id
         choice = result.choices[0] if result.choices else None
         return Completion(
             content=(choice.message.content or "") if choice else "",
             model=result.model or model,
             finish_reason=choice.finish_reason if choice else None,
             usage=normalize_usage(result.usage.model_dump()) if result.usage else None,
-            request_id=result._request_id,
+            attempt=attempt,
         )
 
-    async def stream(self, model: str, messages: list[dict[str, Any]], params: dict[str, Any]) -> ReplyStream:
+    async def stream(
+        self, model: str, messages: list[dict[str, Any]], params: dict[str, Any], failed: list[Attempt]
+    ) -> ReplyStream:
         """Open a streamed reply, always asking the upstream to report usage at the end."""
 
         async def call() -> AsyncStream[ChatCompletionChunk]:
@@ -236,8 +271,13 @@ class Upstream:
                 extra_body=params,
             )
 
-        stream: AsyncStream[ChatCompletionChunk] = await self._with_retries(call)
-        return ReplyStream(stream, model=model, request_id=stream.response.headers.get("x-request-id"))
+        stream, attempt = await self._with_retries(call, failed)
+        attempt.request_id = stream.response.headers.get("x-request-id")
+        return ReplyStream(stream, model=model, attempt=attempt)
+
+
+def _elapsed_ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 3)
 
 
 def app_upstream(request: Request) -> Upstream | None:

@@ -1,8 +1,9 @@
 from fastapi import APIRouter
 
-from app.api.v1.endpoints import chat, history, users
+from app.api.v1.endpoints import chat, history, stats, users
 
 api_router = APIRouter(prefix="/api/v1")
 api_router.include_router(users.router)
 api_router.include_router(chat.router)
 api_router.include_router(history.router)
+api_router.include_router(stats.router)

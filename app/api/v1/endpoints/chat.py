@@ -10,6 +10,7 @@ from app.schemas.chat import ChatCreate, ChatListParams, ChatRead, ChatUpdate, M
 from app.schemas.common import Deleted, ListParams, Page
 from app.services import chats, messages
 from app.services.openai import UpstreamDep
+from app.services.usage import AccountingDep
 
 router = APIRouter(prefix="/chats", tags=["chats"])
 
@@ -69,10 +70,11 @@ async def send_message(
     session: SessionDep,
     factory: SessionFactoryDep,
     upstream: UpstreamDep,
+    accounting: AccountingDep,
     settings: SettingsDep,
 ) -> SendResult | StreamingResponse:
     """Send a message and get the model's reply, whole or (with `stream: true`) as server-sent events."""
     if data.stream:
-        events = await messages.start_stream(session, upstream, factory, principal, chat_id, data, settings)
+        events = await messages.start_stream(session, upstream, accounting, factory, principal, chat_id, data, settings)
         return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
-    return await messages.send_message(session, upstream, principal, chat_id, data, settings)
+    return await messages.send_message(session, upstream, accounting, principal, chat_id, data, settings)

@@ -1,0 +1,119 @@
+"""The usage ledger: one row per upstream call attempt, priced from the model catalog.
+
+Where the numbers come from is part of each row (`source`):
+- `reported`: the upstream's own usage object;
+- `estimated`: counted here with the model's tokenizer, because the upstream
+  did not report (a stream cut off, or a server that never sends usage);
+- `none`: the attempt failed before any tokens were used (all counts 0).
+"""
+
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+
+from app.db.models import UsageRecord
+from app.services.catalog import ModelCatalog
+from app.services.openai import Attempt
+from app.services.tokens import Tokenizer
+
+
+@dataclass(frozen=True, slots=True)
+class CallContext:
+    """Who a call is made for, and through which endpoint."""
+
+    user_id: str
+    api_key_id: str | None
+    chat_id: str | None
+    endpoint: str
+
+
+class Accounting:
+    """Turns upstream attempts into priced ledger rows."""
+
+    def __init__(self, catalog: ModelCatalog, tokenizer: Tokenizer) -> None:
+        self.catalog = catalog
+        self.tokenizer = tokenizer
+
+    def estimate(self, model: str, context: list[dict[str, Any]], output: str) -> dict[str, Any]:
+        """Usage counted here, in OpenAI's shape, marked as an estimate."""
+        prompt = self.tokenizer.count_messages(context, model).tokens
+        completion = self.tokenizer.count_text(output, model).tokens if output else 0
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0},
+            "source": "estimated",
+        }
+
+    def failed(self, call: CallContext, model: str, attempt: Attempt, number: int, *, stream: bool) -> UsageRecord:
+        """A ledger row for an attempt that used no tokens."""
+        return self._row(call, model, model, attempt, number, None, stream=stream, message_id=None)
+
+    def completed(
+        self,
+        call: CallContext,
+        *,
+        model_requested: str,
+        model: str,
+        attempt: Attempt,
+        number: int,
+        usage: dict[str, Any],
+        stream: bool,
+        message_id: str | None,
+    ) -> UsageRecord:
+        """A ledger row for an attempt that produced output (whole, or cut short if `attempt` says so)."""
+        return self._row(call, model_requested, model, attempt, number, usage, stream=stream, message_id=message_id)
+
+    def _row(
+        self,
+        call: CallContext,
+        model_requested: str,
+        model: str,
+        attempt: Attempt,
+        number: int,
+        usage: dict[str, Any] | None,
+        *,
+        stream: bool,
+        message_id: str | None,
+    ) -> UsageRecord:
+        usage = usage or {}
+        input_tokens = int(usage.get("prompt_tokens", 0))
+        cached = int(usage.get("prompt_tokens_details", {}).get("cached_tokens", 0))
+        output = int(usage.get("completion_tokens", 0))
+        reasoning = int(usage.get("completion_tokens_details", {}).get("reasoning_tokens", 0))
+        source = "none" if not usage else usage.get("source", "reported")
+        return UsageRecord(
+            created_at=attempt.started_at,
+            user_id=call.user_id,
+            api_key_id=call.api_key_id,
+            chat_id=call.chat_id,
+            message_id=message_id,
+            endpoint=call.endpoint,
+            model_requested=model_requested,
+            model=model,
+            stream=stream,
+            attempt=number,
+            input_tokens=input_tokens,
+            cached_tokens=cached,
+            output_tokens=output,
+            reasoning_tokens=reasoning,
+            cost_usd=self.catalog.price(model, input_tokens, cached, output),
+            catalog_version=self.catalog.version,
+            latency_ms=attempt.latency_ms,
+            ttft_ms=attempt.ttft_ms,
+            status_code=attempt.status_code,
+            error_type=attempt.error_code,
+            upstream_request_id=attempt.request_id,
+            source=source,
+        )
+
+
+def app_accounting(request: Request) -> Accounting:
+    accounting: Accounting = request.app.state.accounting
+    return accounting
+
+
+AccountingDep = Annotated[Accounting, Depends(app_accounting)]
