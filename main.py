@@ -21,7 +21,7 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from app.api import health
-from app.api.v1.router import api_router
+from app.api.v1.router import api_router, openai_router
 from app.core.config import ConfigError, Settings, get_settings
 from app.core.errors import install_error_handlers
 from app.core.logging import configure_logging, get_logger
@@ -31,8 +31,9 @@ from app.db.migrations import head_revision, upgrade_to_head
 from app.schemas.users import ApiKeyCreate, UserCreate
 from app.services.catalog import ModelCatalog
 from app.services.openai import Upstream
+from app.services.proxy import Proxy
 from app.services.tokens import Tokenizer
-from app.services.usage import Accounting
+from app.services.usage import Accounting, LedgerWriter
 from app.services.users import create_key, create_user, ensure_admin_user
 
 log = get_logger("main")
@@ -50,6 +51,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.session_factory = create_session_factory(engine)
         app.state.schema_head = head_revision()
         app.state.upstream = Upstream(settings) if settings.openai_api_key else None
+        app.state.proxy = (
+            Proxy(settings, settings.openai_base_url, settings.openai_api_key.get_secret_value())
+            if settings.openai_api_key
+            else None
+        )
+        app.state.ledger = LedgerWriter(app.state.session_factory)
+        app.state.ledger.start()
         tokenizer = Tokenizer()
         await anyio.to_thread.run_sync(tokenizer.preload)
         catalog = ModelCatalog.load(overrides=settings.model_catalog_file)
@@ -69,8 +77,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await app.state.ledger.aclose()
             if app.state.upstream is not None:
                 await app.state.upstream.aclose()
+            if app.state.proxy is not None:
+                await app.state.proxy.aclose()
             await engine.dispose()
 
     app = FastAPI(
@@ -92,6 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.include_router(health.router)
     app.include_router(api_router)
+    app.include_router(openai_router)
 
     # Swagger UI served from the installed package, so /docs works offline.
     app.mount("/docs/static", StaticFiles(directory=str(files("swagger_ui") / "static")), name="docs-static")

@@ -118,12 +118,15 @@ class UpstreamTimeoutError(UpstreamError):
 
 
 def error_response(error: AppError) -> Response:
-    """Render an error in OpenAI's envelope."""
+    """Render an error in OpenAI's envelope; tell OpenAI's SDKs when a retry cannot help."""
+    headers = dict(error.headers)
+    if error.status_code < 500 and error.status_code not in (408, 409, 429):
+        headers.setdefault("x-should-retry", "false")
     return Response(
         orjson.dumps(error.body()),
         status_code=error.status_code,
         media_type="application/json",
-        headers=error.headers,
+        headers=headers,
     )
 
 

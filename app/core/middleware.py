@@ -42,6 +42,7 @@ class RequestContextMiddleware:
         request_id = incoming if _CLIENT_REQUEST_ID.match(incoming) else f"req_{secrets.token_hex(12)}"
         token = request_id_var.set(request_id)
         started = time.perf_counter()
+        scope.setdefault("state", {})["started"] = started
         status = 0
         limit = self.max_body_bytes
 

@@ -168,3 +168,19 @@ class UsageRecord(Base):
     upstream_request_id: Mapped[str | None] = mapped_column(String(128))
     # reported (the upstream's usage) | estimated (counted here) | none (no tokens consumed)
     source: Mapped[str] = mapped_column(String(16))
+
+
+class StoredCompletion(Base):
+    """A `/v1/chat/completions` call made with `"store": true`, kept like OpenAI's stored completions."""
+
+    __tablename__ = "stored_completions"
+    __table_args__ = (Index("ix_stored_completions_user_created", "user_id", "created_at", "id"),)
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    api_key_id: Mapped[str | None] = mapped_column(String(40))
+    model: Mapped[str] = mapped_column(String(128))
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
+    request: Mapped[dict[str, Any]] = mapped_column(JSON)
+    response: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

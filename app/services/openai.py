@@ -10,8 +10,6 @@ our 401.
 """
 
 import asyncio
-import email.utils
-import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -35,11 +33,11 @@ from app.core.errors import (
 )
 from app.core.logging import get_logger
 from app.db.models import utcnow
+from app.services.retries import retry_delay
 
 log = get_logger(__name__)
 
 T = TypeVar("T")
-RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 
 
 @dataclass(slots=True)
@@ -164,33 +162,11 @@ def map_error(exc: openai.APIError) -> AppError:
     return UpstreamError(f"The upstream failed (HTTP {status}): {message}")
 
 
-def _backoff(attempt: int) -> float:
-    """Exponential backoff with jitter: about 0.5 s, 1 s, 2 s ... at most 8 s."""
-    return float(min(0.5 * 2**attempt, 8.0) * (0.75 + random.random() / 2))
-
-
 def _retry_delay(exc: openai.APIError, attempt: int) -> float | None:
     """Seconds to wait before the next attempt, or None when a retry cannot help."""
-    if isinstance(exc, openai.APIConnectionError):
-        return _backoff(attempt)
-    if not isinstance(exc, openai.APIStatusError) or exc.status_code not in RETRYABLE_STATUS:
-        return None
-    headers = exc.response.headers
-    if headers.get("x-should-retry") == "false":
-        return None
-    if (ms := headers.get("retry-after-ms")) is not None:
-        try:
-            return max(float(ms) / 1000, 0.0)
-        except ValueError:
-            pass
-    if (value := headers.get("retry-after")) is not None:
-        try:
-            return max(float(value), 0.0)
-        except ValueError:
-            parsed = email.utils.parsedate_to_datetime(value) if value else None
-            if parsed is not None:
-                return max(parsed.timestamp() - time.time(), 0.0)
-    return _backoff(attempt)
+    if isinstance(exc, openai.APIStatusError):
+        return retry_delay(exc.status_code, exc.response.headers, attempt)
+    return retry_delay(None, None, attempt) if isinstance(exc, openai.APIConnectionError) else None
 
 
 class Upstream:

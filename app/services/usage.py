@@ -7,15 +7,22 @@ Where the numbers come from is part of each row (`source`):
 - `none`: the attempt failed before any tokens were used (all counts 0).
 """
 
+import asyncio
+import contextlib
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from sqlalchemy import insert
 
+from app.core.logging import get_logger
+from app.db.database import SessionFactory
 from app.db.models import UsageRecord
 from app.services.catalog import ModelCatalog
 from app.services.openai import Attempt
 from app.services.tokens import Tokenizer
+
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +116,76 @@ class Accounting:
             upstream_request_id=attempt.request_id,
             source=source,
         )
+
+
+class LedgerWriter:
+    """Writes ledger rows off the request path, in batches.
+
+    Rows wait in memory for at most `interval` seconds (or until `batch` of them
+    have gathered) and are inserted in one statement. A normal shutdown drains
+    the queue (`aclose`); readers of the ledger call `flush` first so that this
+    process's own recent rows are always counted.
+    """
+
+    def __init__(self, factory: SessionFactory, *, interval: float = 0.2, batch: int = 500) -> None:
+        self._factory = factory
+        self._interval = interval
+        self._batch = batch
+        self._pending: list[dict[str, Any]] = []
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="ledger-writer")
+
+    def add(self, record: UsageRecord) -> None:
+        """Queue a row; never blocks."""
+        self._pending.append({c.key: getattr(record, c.key) for c in _LEDGER_COLUMNS})
+        if len(self._pending) >= self._batch:
+            self._wake.set()
+
+    async def flush(self) -> None:
+        """Insert every queued row now."""
+        async with self._lock:
+            while self._pending:
+                rows, self._pending = self._pending[: self._batch], self._pending[self._batch :]
+                try:
+                    async with self._factory() as session:
+                        await session.execute(insert(UsageRecord), rows)
+                        await session.commit()
+                except Exception:
+                    # Keep the rows for the next flush rather than lose them.
+                    self._pending[:0] = rows
+                    log.exception("ledger_flush_failed", extra={"rows": len(rows)})
+                    raise
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._interval)
+            self._wake.clear()
+            with contextlib.suppress(Exception):
+                await self.flush()
+
+    async def aclose(self) -> None:
+        """Stop the background loop and write what is left."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.flush()
+
+
+_LEDGER_COLUMNS = [c for c in UsageRecord.__table__.columns if c.key != "id"]
+
+
+def app_ledger(request: Request) -> LedgerWriter:
+    writer: LedgerWriter = request.app.state.ledger
+    return writer
+
+
+LedgerDep = Annotated[LedgerWriter, Depends(app_ledger)]
 
 
 def app_accounting(request: Request) -> Accounting:

@@ -1,0 +1,124 @@
+"""The OpenAI-compatible API under `/v1`: the official SDK works against it unchanged."""
+
+import time
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel
+
+from app.core.errors import NotFoundError, ServiceUnavailableError
+from app.core.security import CurrentPrincipal
+from app.db.database import SessionDep, SessionFactoryDep
+from app.schemas.common import Deleted, ListParams, Page
+from app.services import gateway, stored
+from app.services.proxy import ProxyDep
+from app.services.usage import AccountingDep, LedgerDep
+
+router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
+
+JSON_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"type": "object", "description": "OpenAI's chat completion body"}}},
+    }
+}
+
+
+@router.post("/chat/completions", openapi_extra=JSON_BODY, response_model=None)
+async def create_chat_completion(
+    request: Request,
+    principal: CurrentPrincipal,
+    proxy: ProxyDep,
+    accounting: AccountingDep,
+    ledger: LedgerDep,
+    factory: SessionFactoryDep,
+) -> Response:
+    """Create a chat completion exactly as OpenAI's API does, whole or streamed."""
+    started = getattr(request.state, "started", None) or time.perf_counter()
+    relay = await gateway.chat_completions(await request.body(), principal, proxy, accounting, ledger, factory, started)
+    if relay.chunks is not None:
+        return StreamingResponse(relay.chunks, status_code=relay.status, headers=relay.headers)
+    return Response(relay.body, status_code=relay.status, headers=relay.headers)
+
+
+class MetadataUpdate(BaseModel):
+    metadata: dict[str, Any] | None
+
+
+@router.get("/chat/completions")
+async def list_chat_completions(
+    request: Request,
+    page: Annotated[ListParams, Query()],
+    principal: CurrentPrincipal,
+    session: SessionDep,
+    model: Annotated[str | None, Query(max_length=256)] = None,
+) -> Page[dict[str, Any]]:
+    """List stored chat completions; filter with `model` and `metadata[key]=value`."""
+    pairs = {
+        key[len("metadata[") : -1]: value
+        for key, value in request.query_params.items()
+        if key.startswith("metadata[") and key.endswith("]")
+    }
+    return await stored.list_stored(session, principal, page, model, stored.validate_metadata(pairs))
+
+
+@router.get("/chat/completions/{completion_id}")
+async def get_chat_completion(completion_id: str, principal: CurrentPrincipal, session: SessionDep) -> dict[str, Any]:
+    """Get a stored chat completion."""
+    return stored.completion_object(await stored.get_stored(session, principal, completion_id))
+
+
+@router.post("/chat/completions/{completion_id}")
+async def update_chat_completion(
+    completion_id: str, data: MetadataUpdate, principal: CurrentPrincipal, session: SessionDep
+) -> dict[str, Any]:
+    """Replace a stored chat completion's metadata."""
+    metadata = stored.validate_metadata(data.metadata)
+    return stored.completion_object(await stored.update_metadata(session, principal, completion_id, metadata))
+
+
+@router.delete("/chat/completions/{completion_id}")
+async def delete_chat_completion(completion_id: str, principal: CurrentPrincipal, session: SessionDep) -> Deleted:
+    """Delete a stored chat completion."""
+    await stored.delete_stored(session, principal, completion_id)
+    return Deleted(id=completion_id, object="chat.completion.deleted")
+
+
+@router.get("/chat/completions/{completion_id}/messages")
+async def list_chat_completion_messages(
+    completion_id: str,
+    page: Annotated[ListParams, Query()],
+    principal: CurrentPrincipal,
+    session: SessionDep,
+) -> Page[dict[str, Any]]:
+    """The messages of a stored chat completion."""
+    return await stored.stored_messages(session, principal, completion_id, page)
+
+
+async def _visible_models(principal: CurrentPrincipal, proxy: ProxyDep) -> list[dict[str, Any]]:
+    if proxy is None:
+        raise ServiceUnavailableError("No model provider is configured.", code="upstream_not_configured")
+    listing = orjson.loads(await proxy.models())
+    models = [m for m in listing.get("data", []) if isinstance(m, dict)]
+    if principal.allowed_models is not None:
+        models = [m for m in models if m.get("id") in principal.allowed_models]
+    return models
+
+
+@router.get("/models")
+async def list_models(principal: CurrentPrincipal, proxy: ProxyDep) -> dict[str, Any]:
+    """The models this key may use."""
+    return {"object": "list", "data": await _visible_models(principal, proxy)}
+
+
+@router.get("/models/{model:path}")
+async def get_model(model: str, principal: CurrentPrincipal, proxy: ProxyDep) -> dict[str, Any]:
+    """One model, if this key may use it."""
+    for entry in await _visible_models(principal, proxy):
+        if entry.get("id") == model:
+            return entry
+    raise NotFoundError(
+        f"The model '{model}' does not exist or you do not have access to it.", param="model", code="model_not_found"
+    )
