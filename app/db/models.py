@@ -63,7 +63,7 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON(), list[str]: JSON()}
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON(), list[str]: JSON(), list[Any]: JSON()}
 
 
 class User(Base):
@@ -106,6 +106,8 @@ class Chat(Base):
     tags: Mapped[list[str]] = mapped_column(default=list)
     archived: Mapped[bool] = mapped_column(Boolean, default=False)
     pinned: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Standing instructions for this chat only, sent after the system prompt.
+    instructions: Mapped[str | None] = mapped_column(Text)
     # The next message's position; bumped under a row lock so concurrent sends never collide.
     next_seq: Mapped[int] = mapped_column(Integer, default=1)
     message_count: Mapped[int] = mapped_column(Integer, default=0)
@@ -115,7 +117,10 @@ class Chat(Base):
 
 class Message(Base):
     __tablename__ = "messages"
-    __table_args__ = (UniqueConstraint("chat_id", "seq"),)
+    __table_args__ = (
+        UniqueConstraint("chat_id", "seq"),
+        Index("ix_messages_chat_pinned", "chat_id", "pinned"),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     chat_id: Mapped[str] = mapped_column(ForeignKey("chats.id", ondelete="CASCADE"))
@@ -131,7 +136,44 @@ class Message(Base):
     usage: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     upstream_request_id: Mapped[str | None] = mapped_column(String(128))
+    # OpenAI's tool calling: an assistant's calls, and the call a tool message answers.
+    name: Mapped[str | None] = mapped_column(String(64))
+    tool_calls: Mapped[list[Any] | None] = mapped_column(JSON)
+    tool_call_id: Mapped[str | None] = mapped_column(String(128))
+    # Kept in every context, whatever the strategy drops.
+    pinned: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Tokens of this message in chat format, counted once when stored, and the encoding used.
+    token_count: Mapped[int | None] = mapped_column(Integer)
+    token_encoding: Mapped[str | None] = mapped_column(String(32))
+    # On replies: the size of the context the model was given.
+    context_messages: Mapped[int | None] = mapped_column(Integer)
+    context_tokens: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ChatSummary(Base):
+    """A rolling summary that stands in for a chat's messages up to `up_to_seq` (inclusive)."""
+
+    __tablename__ = "chat_summaries"
+    __table_args__ = (Index("ix_chat_summaries_chat_seq", "chat_id", "up_to_seq"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    chat_id: Mapped[str] = mapped_column(ForeignKey("chats.id", ondelete="CASCADE"))
+    up_to_seq: Mapped[int] = mapped_column(Integer)
+    content: Mapped[str] = mapped_column(Text)
+    token_count: Mapped[int] = mapped_column(Integer)
+    model: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class UserContext(Base):
+    """A user's standing instructions and facts, placed in every one of their chats' contexts."""
+
+    __tablename__ = "user_contexts"
+
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    content: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
 class UsageRecord(Base):
