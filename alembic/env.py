@@ -7,7 +7,7 @@ from sqlalchemy.engine import Connection
 from alembic import context
 from app.core.config import get_settings, load_settings
 from app.db.database import create_engine
-from app.db.models import Base
+from app.db.models import SEARCH_SCHEMA_MARKER, Base
 
 config = context.config
 target_metadata = Base.metadata
@@ -18,10 +18,16 @@ def _url() -> str:
     return str(url) if url else get_settings().database_url
 
 
+def _include_name(name: str | None, type_: str, parent_names: object) -> bool:
+    # Search structures exist only in migrations (see app.db.models.SEARCH_SCHEMA_MARKER).
+    return name is None or SEARCH_SCHEMA_MARKER not in name
+
+
 def _run(connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
+        include_name=_include_name,
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
     )

@@ -26,6 +26,7 @@ from app.db.migrations import upgrade_to_head
 from app.db.models import Base
 from main import create_app
 from tests.fake_upstream import FakeUpstream
+from tests.helpers import http_client
 from tests.server import ThreadedServer
 
 ADMIN_KEY = "sk-admin-" + secrets.token_hex(16)
@@ -126,7 +127,7 @@ class Caller:
 
 @pytest.fixture
 def admin(service: str) -> Iterator[httpx2.Client]:
-    with httpx2.Client(base_url=service, headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=30) as client:
+    with http_client(service, ADMIN_KEY) as client:
         yield client
 
 
@@ -140,7 +141,7 @@ def make_user(service: str, admin: httpx2.Client) -> Iterator[Callable[..., Call
         key = admin.post(f"/api/v1/users/{user.json()['id']}/keys", json=key_fields)
         assert key.status_code == 201, key.text
         secret = key.json()["key"]
-        client = httpx2.Client(base_url=service, headers={"authorization": f"Bearer {secret}"}, timeout=30)
+        client = http_client(service, secret)
         clients.append(client)
         return Caller(user.json()["id"], secret, client)
 

@@ -421,7 +421,7 @@ class FakeUpstream:
         if self._server is not None:
             raise RuntimeError("FakeUpstream can only be started once")
         self._tokenizer.preload()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             sock.bind(("127.0.0.1", 0))
         except OSError:

@@ -2,6 +2,7 @@
 
 import asyncio
 import secrets
+import ssl
 from typing import Any
 
 import httpx2
@@ -10,6 +11,19 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 ERROR_KEYS = {"message", "type", "param", "code"}
 
+# Building an SSL context loads the CA bundle (~50 ms); share one instead of one per client.
+SSL_CONTEXT = ssl.create_default_context()
+
+
+def http_client(base_url: str, key: str | None = None) -> httpx2.Client:
+    """A client for the service, sending `key` as a bearer token if given."""
+    headers = {"authorization": f"Bearer {key}"} if key is not None else {}
+    return httpx2.Client(base_url=base_url, headers=headers, timeout=30, verify=SSL_CONTEXT)
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
 
 def assert_error(
     response: httpx2.Response,
@@ -17,7 +31,7 @@ def assert_error(
     *,
     code: str | None,
     param: str | None = None,
-    type: str = "invalid_request_error",  # noqa: A002 (OpenAI's field name)
+    type: str = "invalid_request_error",
     message: str | None = None,
 ) -> dict[str, Any]:
     """The response is an OpenAI-shaped error with exactly these values; returns the `error` object."""

@@ -14,7 +14,9 @@ class ThreadedServer:
     """A real HTTP server for tests: `with ThreadedServer(app) as s: s.url`."""
 
     def __init__(self, app: ASGIApp, *, lifespan: str = "on", startup_timeout: float = 20.0) -> None:
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        # An explicit IPPROTO_TCP lets asyncio set TCP_NODELAY on accepted
+        # connections; without it every small response waits on Nagle's algorithm.
         self._sock.bind(("127.0.0.1", 0))
         self.port = int(self._sock.getsockname()[1])
         self.url = f"http://127.0.0.1:{self.port}"

@@ -253,7 +253,7 @@ def test_eight_concurrent_sends_store_every_message_once_in_pairs(alice: Caller,
 
 def test_without_upstream_configured_send_is_503(database_url: str, alice: Caller) -> None:
     chat = alice.chat()
-    with ThreadedServer(create_app(service_settings(database_url, None))) as server:
+    with ThreadedServer(create_app(service_settings(database_url, None, local_model=False))) as server:
         response = httpx2.post(
             f"{server.url}/api/v1/chats/{chat['id']}/messages",
             json={"content": "hi"},

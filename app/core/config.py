@@ -33,7 +33,23 @@ class Settings(BaseSettings):
     model_catalog_file: Path | None = Field(
         default=None, description="A JSON file of model entries merged over the shipped catalog"
     )
+    context_strategy: Literal["window", "summary", "none"] = Field(
+        default="window", description="What chats that do not choose do with messages that no longer fit"
+    )
+    context_reserve_tokens: int = Field(default=4096, ge=1, le=1_000_000)
+    context_safety_margin: int = Field(default=64, ge=0, le=100_000)
     redis_url: str | None = None
+    history_retention_days: int | None = Field(
+        default=None, ge=1, le=36_500, description="`main.py purge` deletes messages older than this many days"
+    )
+    local_model: bool = Field(default=True, description="With no OPENAI_API_KEY, answer with the embedded local model")
+    local_model_path: Path | None = Field(
+        default=None, description="A GGUF file to run instead of the packaged SmolLM2-135M-Instruct"
+    )
+    local_model_threads: int = Field(default=2, ge=1, le=256)
+    local_model_max_tokens: int = Field(default=256, ge=1, le=32768)
+    local_model_context: int = Field(default=2048, ge=256, le=131072)
+    local_model_timeout: float = Field(default=120.0, gt=0, le=3600)
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -149,7 +149,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return message, param
 
 
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+_HTTP_CODES = {400: "invalid_value", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -166,8 +166,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
+        message = str(exc.detail)
+        if exc.status_code == 400:  # FastAPI could not read the body (e.g. it is not UTF-8)
+            message = "We could not parse the JSON body of your request."
         cls = InvalidRequestError if exc.status_code < 500 else AppError
-        error = cls(str(exc.detail), code=_HTTP_CODES.get(exc.status_code))
+        error = cls(message, code=_HTTP_CODES.get(exc.status_code), headers=dict(exc.headers or {}))
         error.status_code = exc.status_code
         return error_response(error)
 

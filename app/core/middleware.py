@@ -8,6 +8,7 @@ import re
 import secrets
 import time
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.core.errors import AppError, PayloadTooLargeError, error_response
@@ -19,8 +20,11 @@ log = get_logger("access")
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyTooLarge(HTTPException):
+    """Raised from `receive`: an HTTPException, so that FastAPI's body reader lets it through."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, detail=f"Request body is larger than the limit of {limit} bytes.")
 
 
 class RequestContextMiddleware:
@@ -61,7 +65,7 @@ class RequestContextMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise _BodyTooLarge
+                    raise _BodyTooLarge(limit)
             return message
 
         try:
@@ -75,12 +79,11 @@ class RequestContextMiddleware:
                     return
             declared = headers.get(b"content-length")
             if declared is not None and declared.isdigit() and int(declared) > limit:
-                raise _BodyTooLarge
+                raise _BodyTooLarge(limit)
             await self.app(scope, receive_capped, send_with_id)
-        except _BodyTooLarge:
+        except _BodyTooLarge as too_large:
             if status == 0:
-                error = PayloadTooLargeError(f"Request body is larger than the limit of {limit} bytes.")
-                await error_response(error)(scope, receive, send_with_id)
+                await error_response(PayloadTooLargeError(str(too_large.detail)))(scope, receive, send_with_id)
         finally:
             log.info(
                 "request",

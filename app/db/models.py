@@ -226,3 +226,29 @@ class StoredCompletion(Base):
     request: Mapped[dict[str, Any]] = mapped_column(JSON)
     response: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# Retention purges messages by age, in batches.
+Index("ix_messages_created_at", Message.created_at)
+
+# Full-text search is dialect-specific and lives only in migrations (revision
+# 0a588a7ab69b: a generated tsvector column and GIN indexes on
+# PostgreSQL; on SQLite an FTS5 table kept in sync by triggers). Every such object
+# has this marker in its name, and autogenerate leaves those names alone.
+# On SQLite, a batch migration that recreates `messages` or `chats` drops their
+# triggers: it must recreate them (that migration's SQLITE_TRIGGERS).
+SEARCH_SCHEMA_MARKER = "history_search"
+
+
+class HistoryImportRecord(Base):
+    """An import made with an `Idempotency-Key`: a retry with the same key returns the same chat."""
+
+    __tablename__ = "history_imports"
+
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    idempotency_key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    # SHA-256 of the canonical request: the same key with another body is a conflict.
+    request_hash: Mapped[str] = mapped_column(String(64))
+    # Deleting the chat forgets the key, so a later retry imports afresh.
+    chat_id: Mapped[str] = mapped_column(ForeignKey("chats.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

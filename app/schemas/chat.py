@@ -2,9 +2,10 @@
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictBool
 
 from app.schemas.common import Input, Metadata, ModelName, SafeText, Tags, UnixTime
+from app.schemas.context import ContextSettings
 
 Title = Annotated[SafeText, Field(max_length=512)]
 SystemPrompt = Annotated[SafeText, Field(max_length=200_000)]
@@ -36,10 +37,12 @@ class ChatCreate(Input):
     title: Title | None = None
     model: ModelName | None = None
     system_prompt: SystemPrompt | None = None
+    instructions: SystemPrompt | None = Field(default=None, description="Standing instructions for this chat")
     params: ChatParams = Field(default_factory=ChatParams)
+    context: ContextSettings = Field(default_factory=ContextSettings)
     metadata: Metadata = Field(default_factory=dict)
     tags: Tags = Field(default_factory=list)
-    pinned: bool = False
+    pinned: StrictBool = False
 
 
 class ChatUpdate(Input):
@@ -48,11 +51,13 @@ class ChatUpdate(Input):
     title: Title | None = None
     model: ModelName | None = None
     system_prompt: SystemPrompt | None = None
+    instructions: SystemPrompt | None = None
     params: ChatParams | None = None
+    context: ContextSettings | None = None
     metadata: Metadata | None = None
     tags: Tags | None = None
-    archived: bool | None = None
-    pinned: bool | None = None
+    archived: StrictBool | None = None
+    pinned: StrictBool | None = None
 
 
 class ChatRead(BaseModel):
@@ -61,7 +66,9 @@ class ChatRead(BaseModel):
     title: str | None
     model: str = Field(description="The model the next send uses")
     system_prompt: str | None
+    instructions: str | None
     params: dict[str, Any]
+    context: dict[str, Any] = Field(description="strategy (effective), max_context_tokens, reserve_tokens")
     metadata: dict[str, str]
     tags: list[str]
     archived: bool
@@ -111,12 +118,25 @@ class MessageRead(BaseModel):
     finish_reason: str | None
     usage: Usage | None
     error: dict[str, Any] | None
+    pinned: StrictBool = False
+    tokens: int | None = Field(default=None, description="This message's tokens in chat format, counted when stored")
+    context_messages: int | None = Field(default=None, description="On replies: messages in the context sent")
+    context_tokens: int | None = Field(default=None, description="On replies: tokens of the context sent")
     created_at: UnixTime
+    name: str | None = Field(default=None, description="The participant's name, as OpenAI's `name`")
+    tool_calls: list[dict[str, Any]] | None = Field(
+        default=None, description="An assistant message's tool calls, in OpenAI's shape"
+    )
+    tool_call_id: str | None = Field(default=None, description="On a `tool` message: the call it answers")
+
+
+class MessageUpdate(Input):
+    pinned: StrictBool | None = Field(default=None, description="Keep this message in every context")
 
 
 class MessageCreate(Input):
     content: Content
-    stream: bool = False
+    stream: StrictBool = False
     model: ModelName | None = Field(default=None, description="Overrides the chat's model for this send")
     params: ChatParams | None = Field(default=None, description="Overrides the chat's params for this send")
 

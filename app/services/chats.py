@@ -1,5 +1,6 @@
 """Chats: create, list, read, update, delete; always scoped to their owner."""
 
+from dataclasses import asdict
 from typing import Any
 
 from sqlalchemy import ColumnElement, cast, exists, func, select
@@ -8,19 +9,24 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.core.errors import NotFoundError
 from app.core.security import Principal
-from app.db.models import Chat, new_id, utcnow
-from app.schemas.chat import ChatCreate, ChatListParams, ChatRead, ChatUpdate
+from app.db.models import Chat, Message, new_id, utcnow
+from app.schemas.chat import ChatCreate, ChatListParams, ChatParams, ChatRead, ChatUpdate, MessageUpdate
 from app.schemas.common import ListParams, Page
+from app.schemas.context import BudgetRead, ContextPart, ContextRead, DroppedRead, SummaryRead
 from app.services.pagination import cursor_values, paginate
+from app.services.runtime import ChatRuntime
 
 
-def chat_read(chat: Chat, default_model: str) -> ChatRead:
+def chat_read(chat: Chat, runtime: ChatRuntime) -> ChatRead:
+    context = {"strategy": runtime.default_strategy, "max_context_tokens": None, "reserve_tokens": None}
     return ChatRead(
         id=chat.id,
         title=chat.title,
-        model=chat.model or default_model,
+        model=chat.model or runtime.default_model,
         system_prompt=chat.system_prompt,
+        instructions=chat.instructions,
         params=chat.params,
+        context=context | {k: v for k, v in (chat.context or {}).items() if v is not None},
         metadata=chat.metadata_,
         tags=chat.tags,
         archived=chat.archived,
@@ -50,8 +56,9 @@ async def create_chat(session: AsyncSession, principal: Principal, data: ChatCre
         title=data.title,
         model=data.model,
         system_prompt=data.system_prompt,
+        instructions=data.instructions,
         params=data.params.model_dump(exclude_none=True),
-        context={},
+        context=data.context.model_dump(exclude_none=True),
         metadata_=data.metadata,
         tags=data.tags,
         pinned=data.pinned,
@@ -74,7 +81,7 @@ def _has_tag(session: AsyncSession, tag: str) -> ColumnElement[bool]:
 
 
 async def list_chats(
-    session: AsyncSession, principal: Principal, page: ListParams, filters: ChatListParams, default_model: str
+    session: AsyncSession, principal: Principal, page: ListParams, filters: ChatListParams, runtime: ChatRuntime
 ) -> Page[ChatRead]:
     """The caller's chats, newest first by default."""
     stmt = select(Chat).where(Chat.user_id == principal.user_id)
@@ -93,7 +100,7 @@ async def list_chats(
         select(*keys).where(Chat.id == page.after, Chat.user_id == principal.user_id),
         page.after,
     )
-    return await paginate(session, stmt, keys, page, cursor, lambda c: chat_read(c, default_model), lambda c: c.id)
+    return await paginate(session, stmt, keys, page, cursor, lambda c: chat_read(c, runtime), lambda c: c.id)
 
 
 async def update_chat(session: AsyncSession, principal: Principal, chat_id: str, data: ChatUpdate) -> Chat:
@@ -104,6 +111,8 @@ async def update_chat(session: AsyncSession, principal: Principal, chat_id: str,
         principal.check_model(changes["model"])
     if "params" in changes:
         changes["params"] = data.params.model_dump(exclude_none=True) if data.params else {}
+    if "context" in changes:
+        changes["context"] = data.context.model_dump(exclude_none=True) if data.context else {}
     if "metadata" in changes:
         changes["metadata_"] = changes.pop("metadata") or {}
     if "tags" in changes:
@@ -123,3 +132,53 @@ async def delete_chat(session: AsyncSession, principal: Principal, chat_id: str)
     chat = await get_owned_chat(session, principal, chat_id)
     await session.delete(chat)
     await session.commit()
+
+
+async def context_preview(
+    session: AsyncSession, runtime: ChatRuntime, principal: Principal, chat_id: str
+) -> ContextRead:
+    """A dry run: exactly what the chat's next send would put upstream (before the new message)."""
+    chat = await get_owned_chat(session, principal, chat_id)
+    model = chat.model or runtime.default_model
+    params = ChatParams.model_validate(chat.params).upstream()
+    plan = await runtime.context.plan(session, chat, model, params, chat.next_seq)
+    dropped = None
+    if plan.dropped_before_seq is not None:
+        dropped = DroppedRead(
+            reason="summary_pending" if plan.to_summarise else "window",
+            messages=await runtime.context.dropped_count(session, chat, plan),
+            before_seq=plan.dropped_before_seq,
+        )
+    summary = plan.summary
+    return ContextRead(
+        chat_id=chat.id,
+        model=model,
+        strategy=plan.strategy,
+        exact=plan.exact,
+        budget=BudgetRead(**asdict(plan.budget)),
+        total_tokens=plan.total_tokens,
+        messages=[
+            ContextPart(kind=p.kind, message_id=p.message_id, role=p.message["role"], tokens=p.tokens, pinned=p.pinned)
+            for p in plan.parts
+        ],
+        summary=None
+        if summary is None
+        else SummaryRead(
+            id=summary.id, up_to_seq=summary.up_to_seq, tokens=summary.token_count, created_at=summary.created_at
+        ),
+        dropped=dropped,
+    )
+
+
+async def update_message(
+    session: AsyncSession, principal: Principal, chat_id: str, message_id: str, data: MessageUpdate
+) -> Message:
+    """Pin or unpin a message of the caller's chat."""
+    chat = await get_owned_chat(session, principal, chat_id)
+    message = await session.scalar(select(Message).where(Message.id == message_id, Message.chat_id == chat.id))
+    if message is None:
+        raise NotFoundError(f"No message found with id '{message_id}' in this chat.", param="message_id")
+    if data.pinned is not None:
+        message.pinned = data.pinned
+    await session.commit()
+    return message

@@ -75,9 +75,21 @@ def _parse(raw: bytes, principal: Principal) -> tuple[_Call, bytes]:
             "Missing required parameter: 'model'.", param="model", code="missing_required_parameter"
         )
     messages = payload.get("messages")
-    if not isinstance(messages, list) or not messages:
+    if messages is None:
         raise InvalidRequestError(
             "Missing required parameter: 'messages'.", param="messages", code="missing_required_parameter"
+        )
+    if not isinstance(messages, list):
+        raise InvalidRequestError(
+            f"Invalid type for 'messages': expected an array, but got {_json_type(messages)} instead.",
+            param="messages",
+            code="invalid_type",
+        )
+    if not messages:
+        raise InvalidRequestError(
+            "Invalid 'messages': empty array. Expected an array with minimum length 1, but got an empty array instead.",
+            param="messages",
+            code="empty_array",
         )
     principal.check_model(model)
 
@@ -100,6 +112,14 @@ def _parse(raw: bytes, principal: Principal) -> tuple[_Call, bytes]:
     context = CallContext(principal.user_id, principal.key_id, None, ENDPOINT)
     call = _Call(principal, model, messages, payload, store, metadata, wants_usage, context)
     return call, orjson.dumps(payload) if changed else raw
+
+
+def _json_type(value: Any) -> str:
+    """How OpenAI's error messages name a JSON value's type."""
+    if isinstance(value, bool):
+        return "boolean"
+    kinds = ((str, "string"), (int, "integer"), (float, "number"), (dict, "object"))
+    return next((name for kind, name in kinds if isinstance(value, kind)), "array")
 
 
 def _headers(upstream: Any, started: float, upstream_ms: float) -> dict[str, str]:
@@ -208,42 +228,65 @@ async def _relay(
     ledger: LedgerWriter,
     factory: SessionFactory,
 ) -> AsyncIterator[bytes]:
-    """Pass events through as they arrive; count the stream however it ends."""
+    """Pass events through as they arrive; count the stream however it ends.
+
+    The stream is counted (and stored) before its last event goes out, so a
+    client that has read `[DONE]` (or the error) already finds the call in its
+    stats and its stored completions.
+    """
     state = _StreamState()
     buffer = b""
     error: AppError | None = None
+    settled = False
+
+    async def settle() -> None:
+        nonlocal settled
+        settled = True
+        attempt.latency_ms = round((time.perf_counter() - attempt.clock) * 1000, 3)
+        text = "".join(state.content)
+        _record(accounting, ledger, call, attempt, state.usage, text, stream=True, served=state.model)
+        if call.store and state.completion_id and state.done and error is None:
+            async with factory() as session:
+                await save_completion(session, call.principal, call.payload, state.completion(), call.metadata)
+
+    pieces = response.aiter_bytes()
     try:
-        try:
-            async for piece in response.aiter_bytes():
-                buffer += piece
-                while (end := buffer.find(b"\n\n")) >= 0:
-                    event, buffer = buffer[: end + 2], buffer[end + 2 :]
-                    out = state.see(event, call.wants_usage, attempt)
-                    if out:
-                        yield out
-        except Exception as exc:  # the upstream connection broke off
-            error = UpstreamError(
-                "The upstream connection broke off in the middle of the reply.", code="upstream_stream_broken"
-            )
-            log.warning("upstream_stream_broken", extra={"error": type(exc).__name__})
+        while True:
+            try:
+                piece = await anext(pieces)
+            except StopAsyncIteration:
+                break
+            except Exception as exc:  # the upstream connection broke off
+                if not state.done:  # after [DONE] the reply is whole, however the connection ends
+                    error = UpstreamError(
+                        "The upstream connection broke off in the middle of the reply.", code="upstream_stream_broken"
+                    )
+                    log.warning("upstream_stream_broken", extra={"error": type(exc).__name__})
+                break
+            buffer += piece
+            while (end := buffer.find(b"\n\n")) >= 0:
+                event, buffer = buffer[: end + 2], buffer[end + 2 :]
+                out = state.see(event, call.wants_usage, attempt)
+                if state.done and not settled:
+                    await settle()
+                if out:
+                    yield out
         if error is None and not state.done:
             error = UpstreamError("The upstream ended the stream without [DONE].", code="upstream_stream_broken")
         if error is not None:
             attempt.status_code, attempt.error_code = error.status_code, error.code
+            if not settled:
+                await settle()
             yield b"data: " + orjson.dumps(error.body()) + b"\n\n"
     except BaseException:
-        attempt.status_code, attempt.error_code = 499, "client_disconnected"
+        if not settled:
+            attempt.status_code, attempt.error_code = 499, "client_disconnected"
         raise
     finally:
         with anyio.CancelScope(shield=True):
             await response.aclose()
-            attempt.latency_ms = round((time.perf_counter() - attempt.clock) * 1000, 3)
-            _record(
-                accounting, ledger, call, attempt, state.usage, "".join(state.content), stream=True, served=state.model
-            )
-            if call.store and state.completion_id and error is None:
-                async with factory() as session:
-                    await save_completion(session, call.principal, call.payload, state.completion(), call.metadata)
+            if not settled:
+                await settle()
 
 
 class _StreamState:

@@ -1,11 +1,15 @@
 """Sending a message: store the turn, ask the model, store the reply.
 
-A send is three short transactions, never one held open across the model call:
+A send is a few short transactions, never one held open across a model call:
 1. under the chat's row lock, reserve two positions (the user message at n,
-   its reply at n+1) and store the user message with the context it sees;
-2. call the upstream, with no transaction open;
-3. store the reply: `complete`, `partial` (the client left or the upstream
-   broke off mid-stream: what arrived is kept) or `error`.
+   its reply at n+1), store the user message with its token count, and plan the
+   context it will be sent with (a message that cannot fit is refused here, and
+   nothing is stored);
+2. with the `summary` strategy, fold messages that no longer fit into the
+   chat's rolling summary (an upstream call of its own, counted in the ledger);
+3. call the upstream, with no transaction open;
+4. store the reply, `complete`, `partial` (the client left or the upstream broke
+   off mid-stream: what arrived is kept) or `error`, with its ledger rows.
 Concurrent sends to one chat therefore never wait on each other's model call,
 and every message gets exactly one defined position.
 """
@@ -20,21 +24,28 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.core.config import Settings
 from app.core.errors import AppError, NotFoundError, ServiceUnavailableError
 from app.core.logging import get_logger
 from app.core.security import Principal
-from app.db.database import SessionFactory
-from app.db.models import Chat, Message, UsageRecord, new_id, utcnow
+from app.db.models import Chat, ChatSummary, Message, UsageRecord, new_id, utcnow
 from app.schemas.chat import ChatParams, MessageCreate, MessageRead, SendResult, Usage
 from app.services.chats import get_owned_chat
-from app.services.context import build_context
+from app.services.context import (
+    SUMMARY_MAX_TOKENS,
+    ContextBuilder,
+    Plan,
+    summary_max_tokens,
+    summary_request,
+    upstream_message,
+)
 from app.services.openai import Attempt, ReplyStream, Upstream
-from app.services.usage import Accounting, CallContext
+from app.services.runtime import ChatRuntime
+from app.services.usage import CallContext
 
 log = get_logger(__name__)
 
 T = TypeVar("T")
+MAX_SUMMARY_CALLS = 3  # per send; what still does not fit after them is dropped, as with `window`
 
 
 def message_read(message: Message) -> MessageRead:
@@ -49,6 +60,10 @@ def message_read(message: Message) -> MessageRead:
         finish_reason=message.finish_reason,
         usage=Usage.model_validate(message.usage) if message.usage else None,
         error=message.error,
+        pinned=message.pinned,
+        tokens=message.token_count,
+        context_messages=message.context_messages,
+        context_tokens=message.context_tokens,
         created_at=message.created_at,
     )
 
@@ -61,26 +76,31 @@ class Turn:
     reply_id: str
     reply_seq: int
     model: str
-    context: list[dict[str, Any]]
+    plan: Plan
     params: dict[str, Any]
     call: CallContext
     failed: list[Attempt] = field(default_factory=list)
+
+    @property
+    def context(self) -> list[dict[str, Any]]:
+        return self.plan.messages()
 
 
 def _require(upstream: Upstream | None) -> Upstream:
     if upstream is None:
         raise ServiceUnavailableError(
             "No model provider is configured. Set OPENAI_API_KEY (and OPENAI_BASE_URL for an "
-            "OpenAI-compatible API other than OpenAI's) and restart the service.",
+            "OpenAI-compatible API other than OpenAI's) and restart the service; or, to chat offline "
+            "with the embedded local model, run `make local-model` and restart without a key.",
             code="upstream_not_configured",
         )
     return upstream
 
 
 async def _start_turn(
-    session: AsyncSession, principal: Principal, chat: Chat, data: MessageCreate, settings: Settings
+    session: AsyncSession, runtime: ChatRuntime, principal: Principal, chat: Chat, data: MessageCreate
 ) -> Turn:
-    model = data.model or chat.model or settings.default_model
+    model = data.model or chat.model or runtime.default_model
     principal.check_model(model)
     overrides = data.params.model_dump(exclude_none=True) if data.params else {}
     params = ChatParams.model_validate({**chat.params, **overrides}).upstream()
@@ -110,17 +130,107 @@ async def _start_turn(
         status="complete",
         created_at=now,
     )
+    user_message.token_count = runtime.context.count(upstream_message(user_message), model)
+    user_message.token_encoding = runtime.context.encoding(model)
     session.add(user_message)
     await session.flush()
-    context = await build_context(session, chat, seq + 1)
+    # Refused here (context_length_exceeded) means rolled back: the message is not kept.
+    plan = await runtime.context.plan(session, chat, model, params, seq + 1)
     await session.commit()
     call = CallContext(principal.user_id, principal.key_id, chat.id, "chat.message")
-    return Turn(user_message, new_id("msg"), seq + 1, model, context, params, call)
+    turn = Turn(user_message, new_id("msg"), seq + 1, model, plan, params, call)
+    if plan.to_summarise:
+        turn.plan = await _summarise(session, runtime, chat, turn)
+    return turn
+
+
+async def _summarise(session: AsyncSession, runtime: ChatRuntime, chat: Chat, turn: Turn) -> Plan:
+    """Fold what no longer fits into the chat's rolling summary, then plan again.
+
+    A failed summary call does not fail the send: that turn falls back to the
+    `window` strategy (older messages dropped), and the next send tries again.
+    """
+    upstream = _require(runtime.upstream)
+    plan = turn.plan
+    for _ in range(MAX_SUMMARY_CALLS):
+        if not plan.to_summarise:
+            return plan
+        chunk = _summary_chunk(plan, runtime.context, turn.model)
+        call = CallContext(turn.call.user_id, turn.call.api_key_id, chat.id, "chat.summary")
+        failed: list[Attempt] = []
+        max_tokens = summary_max_tokens(plan.budget)
+        try:
+            completion = await upstream.complete(
+                turn.model, summary_request(plan.summary, chunk), {"max_completion_tokens": max_tokens}, failed
+            )
+        except AppError as exc:
+            session.add_all(
+                runtime.accounting.failed(call, turn.model, a, n, stream=False) for n, a in enumerate(failed, 1)
+            )
+            await session.commit()
+            log.warning("summary_failed", extra={"chat_id": chat.id, "code": exc.code})
+            break
+        content = completion.content.strip()
+        summary_message = {"role": "system", "content": f"Summary of the earlier conversation:\n{content}"}
+        usage = completion.usage or runtime.accounting.estimate(
+            turn.model, summary_request(plan.summary, chunk), content
+        )
+        session.add_all(
+            [
+                *(runtime.accounting.failed(call, turn.model, a, n, stream=False) for n, a in enumerate(failed, 1)),
+                runtime.accounting.completed(
+                    call,
+                    model_requested=turn.model,
+                    model=completion.model,
+                    attempt=completion.attempt,
+                    number=len(failed) + 1,
+                    usage=usage,
+                    stream=False,
+                    message_id=None,
+                ),
+                ChatSummary(
+                    id=new_id("sum"),
+                    chat_id=chat.id,
+                    up_to_seq=chunk[-1].seq,
+                    content=content,
+                    token_count=runtime.context.count(summary_message, turn.model),
+                    model=completion.model,
+                    created_at=utcnow(),
+                ),
+            ]
+        )
+        await session.commit()
+        plan = await runtime.context.plan(session, chat, turn.model, turn.params, turn.reply_seq)
+        await session.commit()
+    if plan.to_summarise:
+        plan = await runtime.context.plan(session, chat, turn.model, turn.params, turn.reply_seq, fold=False)
+        await session.commit()
+    return plan
+
+
+def _summary_chunk(plan: Plan, context: ContextBuilder, model: str) -> list[Message]:
+    """The oldest messages waiting to be summarised that one summary call can take."""
+    limit = max(
+        plan.budget.max_context_tokens - SUMMARY_MAX_TOKENS - (plan.summary.token_count if plan.summary else 0) - 512,
+        256,
+    )
+    chunk: list[Message] = []
+    used = 0
+    for message in plan.to_summarise:
+        tokens = context.count(upstream_message(message), model)
+        if chunk and used + tokens > limit:
+            break
+        chunk.append(message)
+        used += tokens
+    # Never end a chunk between a tool call and its results.
+    while len(chunk) < len(plan.to_summarise) and plan.to_summarise[len(chunk)].role == "tool":
+        chunk.append(plan.to_summarise[len(chunk)])
+    return chunk
 
 
 async def _store_reply(
     session: AsyncSession,
-    accounting: Accounting,
+    runtime: ChatRuntime,
     turn: Turn,
     *,
     content: str,
@@ -137,6 +247,7 @@ async def _store_reply(
     Returns None when the chat was deleted while the model answered; the ledger
     rows are stored all the same, since the tokens were spent.
     """
+    accounting = runtime.accounting
     records = [
         accounting.failed(turn.call, turn.model, failed, n, stream=stream) for n, failed in enumerate(turn.failed, 1)
     ]
@@ -168,8 +279,12 @@ async def _store_reply(
         usage=usage,
         error=error,
         upstream_request_id=attempt.request_id if attempt else None,
+        context_messages=len(turn.plan.parts),
+        context_tokens=turn.plan.total_tokens,
         created_at=utcnow(),
     )
+    reply.token_count = runtime.context.count(upstream_message(reply), turn.model)
+    reply.token_encoding = runtime.context.encoding(turn.model)
     try:
         session.add_all([reply, *records])
         await session.execute(update(Chat).where(Chat.id == reply.chat_id).values(message_count=Chat.message_count + 1))
@@ -194,24 +309,22 @@ def _chat_gone(chat_id: str) -> NotFoundError:
 
 async def _open_turn(
     session: AsyncSession,
-    upstream: Upstream | None,
-    accounting: Accounting,
+    runtime: ChatRuntime,
     principal: Principal,
     chat_id: str,
     data: MessageCreate,
-    settings: Settings,
     call: Callable[[Upstream, Turn], Awaitable[T]],
 ) -> tuple[Turn, T]:
     """Store the user's message and make the upstream call; a failed call is stored as an error reply."""
     chat = await get_owned_chat(session, principal, chat_id)
-    client = _require(upstream)
-    turn = await _start_turn(session, principal, chat, data, settings)
+    client = _require(runtime.upstream)
+    turn = await _start_turn(session, runtime, principal, chat, data)
     try:
         return turn, await call(client, turn)
     except AppError as exc:
         await _store_reply(
             session,
-            accounting,
+            runtime,
             turn,
             content="",
             status="error",
@@ -223,28 +336,15 @@ async def _open_turn(
 
 
 async def send_message(
-    session: AsyncSession,
-    upstream: Upstream | None,
-    accounting: Accounting,
-    principal: Principal,
-    chat_id: str,
-    data: MessageCreate,
-    settings: Settings,
+    session: AsyncSession, runtime: ChatRuntime, principal: Principal, chat_id: str, data: MessageCreate
 ) -> SendResult:
     """Store the user's message, get the whole reply, store it and return both."""
     turn, completion = await _open_turn(
-        session,
-        upstream,
-        accounting,
-        principal,
-        chat_id,
-        data,
-        settings,
-        lambda c, t: c.complete(t.model, t.context, t.params, t.failed),
+        session, runtime, principal, chat_id, data, lambda c, t: c.complete(t.model, t.context, t.params, t.failed)
     )
     reply = await _store_reply(
         session,
-        accounting,
+        runtime,
         turn,
         content=completion.content,
         status="complete",
@@ -276,32 +376,16 @@ CLIENT_DISCONNECTED = {
 
 
 async def start_stream(
-    session: AsyncSession,
-    upstream: Upstream | None,
-    accounting: Accounting,
-    factory: SessionFactory,
-    principal: Principal,
-    chat_id: str,
-    data: MessageCreate,
-    settings: Settings,
+    session: AsyncSession, runtime: ChatRuntime, principal: Principal, chat_id: str, data: MessageCreate
 ) -> AsyncIterator[bytes]:
     """Store the user's message and open the upstream stream; failures so far are plain HTTP errors."""
     turn, stream = await _open_turn(
-        session,
-        upstream,
-        accounting,
-        principal,
-        chat_id,
-        data,
-        settings,
-        lambda c, t: c.stream(t.model, t.context, t.params, t.failed),
+        session, runtime, principal, chat_id, data, lambda c, t: c.stream(t.model, t.context, t.params, t.failed)
     )
-    return _relay(factory, accounting, turn, stream)
+    return _relay(runtime, turn, stream)
 
 
-async def _relay(
-    factory: SessionFactory, accounting: Accounting, turn: Turn, stream: ReplyStream
-) -> AsyncIterator[bytes]:
+async def _relay(runtime: ChatRuntime, turn: Turn, stream: ReplyStream) -> AsyncIterator[bytes]:
     """Relay the reply as SSE events, and store it (and its usage) however the stream ends."""
     yield sse("message.created", {"message": message_read(turn.user_message).model_dump(mode="json")})
     failure: AppError | None = None
@@ -317,10 +401,10 @@ async def _relay(
             await stream.aclose()
             attempt = stream.finish()
             attempt.status_code, attempt.error_code = CLIENT_CLOSED_REQUEST, "client_disconnected"
-            async with factory() as session:
+            async with runtime.factory() as session:
                 await _store_reply(
                     session,
-                    accounting,
+                    runtime,
                     turn,
                     content="".join(stream.content),
                     status="partial",
@@ -338,10 +422,10 @@ async def _relay(
         attempt = stream.finish()
         if failure is not None:
             attempt.status_code, attempt.error_code = failure.status_code, failure.code
-        async with factory() as session:
+        async with runtime.factory() as session:
             reply = await _store_reply(
                 session,
-                accounting,
+                runtime,
                 turn,
                 content=content,
                 status="complete" if failure is None else ("partial" if content else "error"),

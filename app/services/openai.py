@@ -172,15 +172,27 @@ def _retry_delay(exc: openai.APIError, attempt: int) -> float | None:
 class Upstream:
     """The model provider behind the service."""
 
-    def __init__(self, settings: Settings) -> None:
-        assert settings.openai_api_key is not None
+    def __init__(self, settings: Settings, *, base_url: str, api_key: str) -> None:
         self._settings = settings
+        self._base_url = base_url
         self._client = AsyncOpenAI(
-            api_key=settings.openai_api_key.get_secret_value(),
-            base_url=settings.openai_base_url,
+            api_key=api_key,
+            base_url=base_url,
             timeout=httpx2.Timeout(settings.openai_timeout, connect=min(settings.openai_timeout, 10.0)),
             max_retries=0,
         )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Upstream | None":
+        """The provider configured by OPENAI_API_KEY and OPENAI_BASE_URL; None without a key."""
+        if not settings.openai_api_key:
+            return None
+        return cls(settings, base_url=settings.openai_base_url, api_key=settings.openai_api_key.get_secret_value())
+
+    @property
+    def base_url(self) -> str:
+        """Where requests go (the OpenAI-compatible `.../v1` URL)."""
+        return self._base_url
 
     async def aclose(self) -> None:
         await self._client.close()

@@ -124,7 +124,7 @@ async def stored_messages(
     """The messages of the request behind a stored completion, paged."""
     stored = await get_stored(session, principal, completion_id)
     messages = [
-        {"id": f"{stored.id}-{i}", **{k: v for k, v in m.items() if k in ("role", "content", "name")}}
+        _store_message(f"{stored.id}-{i}", m)
         for i, m in enumerate(stored.request.get("messages", []))
         if isinstance(m, dict)
     ]
@@ -143,3 +143,18 @@ async def stored_messages(
         last_id=data[-1]["id"] if data else None,
         has_more=start + page.limit < len(messages),
     )
+
+
+def _store_message(message_id: str, message: dict[str, Any]) -> dict[str, Any]:
+    """A request message as OpenAI lists it: `content` as text, the parts (text, image) in `content_parts`."""
+    content = message.get("content")
+    parts: list[Any] | None = None
+    if isinstance(content, list):
+        parts = [p for p in content if isinstance(p, dict) and p.get("type") in ("text", "image_url")]
+        texts = [str(p.get("text", "")) for p in parts if p["type"] == "text"]
+        content = "\n".join(texts) if texts else None
+    out = {"id": message_id, "role": message.get("role"), "content": content, "name": message.get("name")}
+    out["content_parts"] = parts
+    if "tool_calls" in message:
+        out["tool_calls"] = message["tool_calls"]
+    return out

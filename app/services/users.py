@@ -7,8 +7,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.core.errors import NotFoundError
 from app.core.security import ADMIN_USER_ID, Principal, display_prefix, generate_key, hash_key
-from app.db.models import ApiKey, User, new_id, utcnow
+from app.db.models import ApiKey, User, UserContext, new_id, utcnow
 from app.schemas.common import ListParams, Page
+from app.schemas.context import SavedContextRead, SavedContextWrite
 from app.schemas.users import ApiKeyCreate, ApiKeyCreated, ApiKeyRead, MeRead, UserCreate, UserRead
 from app.services.pagination import cursor_values, paginate
 
@@ -113,3 +114,27 @@ async def describe_caller(session: AsyncSession, principal: Principal) -> MeRead
         key_name=principal.key_name,
         allowed_models=list(principal.allowed_models) if principal.allowed_models is not None else None,
     )
+
+
+async def read_saved_context(session: AsyncSession, principal: Principal) -> SavedContextRead:
+    """The caller's standing instructions and facts."""
+    saved = await session.get(UserContext, principal.user_id)
+    return SavedContextRead(content=saved.content if saved else "", updated_at=saved.updated_at if saved else None)
+
+
+async def write_saved_context(session: AsyncSession, principal: Principal, data: SavedContextWrite) -> SavedContextRead:
+    """Replace the caller's standing instructions and facts (empty content clears them)."""
+    saved = await session.get(UserContext, principal.user_id)
+    if not data.content:
+        if saved is not None:
+            await session.delete(saved)
+        await session.commit()
+        return SavedContextRead(content="", updated_at=None)
+    if saved is None:
+        saved = UserContext(user_id=principal.user_id, content=data.content, updated_at=utcnow())
+        session.add(saved)
+    else:
+        saved.content = data.content
+        saved.updated_at = utcnow()
+    await session.commit()
+    return SavedContextRead(content=saved.content, updated_at=saved.updated_at)

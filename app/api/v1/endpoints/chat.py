@@ -3,14 +3,22 @@ from typing import Annotated
 from fastapi import APIRouter, Query, status
 from fastapi.responses import StreamingResponse
 
-from app.core.config import SettingsDep
 from app.core.security import CurrentPrincipal
-from app.db.database import SessionDep, SessionFactoryDep
-from app.schemas.chat import ChatCreate, ChatListParams, ChatRead, ChatUpdate, MessageCreate, SendResult
+from app.db.database import SessionDep
+from app.schemas.chat import (
+    ChatCreate,
+    ChatListParams,
+    ChatRead,
+    ChatUpdate,
+    MessageCreate,
+    MessageRead,
+    MessageUpdate,
+    SendResult,
+)
 from app.schemas.common import Deleted, ListParams, Page
+from app.schemas.context import ContextRead
 from app.services import chats, messages
-from app.services.openai import UpstreamDep
-from app.services.usage import AccountingDep
+from app.services.runtime import ChatRuntimeDep
 
 router = APIRouter(prefix="/chats", tags=["chats"])
 
@@ -19,10 +27,10 @@ SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 @router.post("", status_code=status.HTTP_201_CREATED)
 async def create_chat(
-    data: ChatCreate, principal: CurrentPrincipal, session: SessionDep, settings: SettingsDep
+    data: ChatCreate, principal: CurrentPrincipal, session: SessionDep, runtime: ChatRuntimeDep
 ) -> ChatRead:
     """Create a chat."""
-    return chats.chat_read(await chats.create_chat(session, principal, data), settings.default_model)
+    return chats.chat_read(await chats.create_chat(session, principal, data), runtime)
 
 
 @router.get("")
@@ -31,24 +39,24 @@ async def list_chats(
     filters: Annotated[ChatListParams, Query()],
     principal: CurrentPrincipal,
     session: SessionDep,
-    settings: SettingsDep,
+    runtime: ChatRuntimeDep,
 ) -> Page[ChatRead]:
     """List the caller's chats, newest first; filter by archived, pinned, tag or words in the title."""
-    return await chats.list_chats(session, principal, page, filters, settings.default_model)
+    return await chats.list_chats(session, principal, page, filters, runtime)
 
 
 @router.get("/{chat_id}")
-async def get_chat(chat_id: str, principal: CurrentPrincipal, session: SessionDep, settings: SettingsDep) -> ChatRead:
+async def get_chat(chat_id: str, principal: CurrentPrincipal, session: SessionDep, runtime: ChatRuntimeDep) -> ChatRead:
     """Read a chat."""
-    return chats.chat_read(await chats.get_owned_chat(session, principal, chat_id), settings.default_model)
+    return chats.chat_read(await chats.get_owned_chat(session, principal, chat_id), runtime)
 
 
 @router.patch("/{chat_id}")
 async def update_chat(
-    chat_id: str, data: ChatUpdate, principal: CurrentPrincipal, session: SessionDep, settings: SettingsDep
+    chat_id: str, data: ChatUpdate, principal: CurrentPrincipal, session: SessionDep, runtime: ChatRuntimeDep
 ) -> ChatRead:
-    """Rename a chat, change its model, prompt or params, archive, pin, tag or annotate it."""
-    return chats.chat_read(await chats.update_chat(session, principal, chat_id, data), settings.default_model)
+    """Rename a chat; change its model, prompt, instructions, params or context strategy; archive, pin, tag it."""
+    return chats.chat_read(await chats.update_chat(session, principal, chat_id, data), runtime)
 
 
 @router.delete("/{chat_id}")
@@ -56,6 +64,14 @@ async def delete_chat(chat_id: str, principal: CurrentPrincipal, session: Sessio
     """Delete a chat and its messages."""
     await chats.delete_chat(session, principal, chat_id)
     return Deleted(id=chat_id, object="chat.deleted")
+
+
+@router.get("/{chat_id}/context")
+async def preview_context(
+    chat_id: str, principal: CurrentPrincipal, session: SessionDep, runtime: ChatRuntimeDep
+) -> ContextRead:
+    """Dry run of the next send's context: each message with its tokens, what is left out and why, the budget."""
+    return await chats.context_preview(session, runtime, principal, chat_id)
 
 
 @router.post(
@@ -68,13 +84,18 @@ async def send_message(
     data: MessageCreate,
     principal: CurrentPrincipal,
     session: SessionDep,
-    factory: SessionFactoryDep,
-    upstream: UpstreamDep,
-    accounting: AccountingDep,
-    settings: SettingsDep,
+    runtime: ChatRuntimeDep,
 ) -> SendResult | StreamingResponse:
     """Send a message and get the model's reply, whole or (with `stream: true`) as server-sent events."""
     if data.stream:
-        events = await messages.start_stream(session, upstream, accounting, factory, principal, chat_id, data, settings)
+        events = await messages.start_stream(session, runtime, principal, chat_id, data)
         return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
-    return await messages.send_message(session, upstream, accounting, principal, chat_id, data, settings)
+    return await messages.send_message(session, runtime, principal, chat_id, data)
+
+
+@router.patch("/{chat_id}/messages/{message_id}")
+async def update_message(
+    chat_id: str, message_id: str, data: MessageUpdate, principal: CurrentPrincipal, session: SessionDep
+) -> MessageRead:
+    """Pin a message (kept in every context, whatever the strategy) or unpin it."""
+    return messages.message_read(await chats.update_message(session, principal, chat_id, message_id, data))

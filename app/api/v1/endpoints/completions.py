@@ -1,7 +1,7 @@
 """The OpenAI-compatible API under `/v1`: the official SDK works against it unchanged."""
 
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Query, Request
@@ -30,6 +30,7 @@ JSON_BODY: dict[str, Any] = {
 async def create_chat_completion(
     request: Request,
     principal: CurrentPrincipal,
+    session: SessionDep,
     proxy: ProxyDep,
     accounting: AccountingDep,
     ledger: LedgerDep,
@@ -37,6 +38,9 @@ async def create_chat_completion(
 ) -> Response:
     """Create a chat completion exactly as OpenAI's API does, whole or streamed."""
     started = getattr(request.state, "started", None) or time.perf_counter()
+    # The key is checked: give the connection back before waiting on the upstream. Held, it would pin
+    # a pooled connection per call in flight and, on SQLite, the write lock every other request waits for.
+    await session.close()
     relay = await gateway.chat_completions(await request.body(), principal, proxy, accounting, ledger, factory, started)
     if relay.chunks is not None:
         return StreamingResponse(relay.chunks, status_code=relay.status, headers=relay.headers)
@@ -47,10 +51,16 @@ class MetadataUpdate(BaseModel):
     metadata: dict[str, Any] | None
 
 
+class StoredListParams(ListParams):
+    """OpenAI's stored-completion lists run oldest first unless asked otherwise."""
+
+    order: Literal["asc", "desc"] = "asc"
+
+
 @router.get("/chat/completions")
 async def list_chat_completions(
     request: Request,
-    page: Annotated[ListParams, Query()],
+    page: Annotated[StoredListParams, Query()],
     principal: CurrentPrincipal,
     session: SessionDep,
     model: Annotated[str | None, Query(max_length=256)] = None,
@@ -89,7 +99,7 @@ async def delete_chat_completion(completion_id: str, principal: CurrentPrincipal
 @router.get("/chat/completions/{completion_id}/messages")
 async def list_chat_completion_messages(
     completion_id: str,
-    page: Annotated[ListParams, Query()],
+    page: Annotated[StoredListParams, Query()],
     principal: CurrentPrincipal,
     session: SessionDep,
 ) -> Page[dict[str, Any]]:

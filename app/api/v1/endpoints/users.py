@@ -5,6 +5,7 @@ from fastapi import APIRouter, Query, status
 from app.core.security import AdminPrincipal, CurrentPrincipal
 from app.db.database import SessionDep
 from app.schemas.common import Deleted, ListParams, Page
+from app.schemas.context import SavedContextRead, SavedContextWrite
 from app.schemas.users import ApiKeyCreate, ApiKeyCreated, ApiKeyRead, MeRead, UserCreate, UserRead
 from app.services import users
 
@@ -15,6 +16,20 @@ router = APIRouter(tags=["users and keys"])
 async def read_me(principal: CurrentPrincipal, session: SessionDep) -> MeRead:
     """The caller: user, role and key."""
     return await users.describe_caller(session, principal)
+
+
+@router.get("/me/context")
+async def read_saved_context(principal: CurrentPrincipal, session: SessionDep) -> SavedContextRead:
+    """Your standing instructions and facts, placed after the system prompt in every chat."""
+    return await users.read_saved_context(session, principal)
+
+
+@router.put("/me/context")
+async def write_saved_context(
+    data: SavedContextWrite, principal: CurrentPrincipal, session: SessionDep
+) -> SavedContextRead:
+    """Replace your standing instructions and facts; empty content clears them."""
+    return await users.write_saved_context(session, principal, data)
 
 
 @router.post("/users", status_code=status.HTTP_201_CREATED)
