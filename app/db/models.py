@@ -20,6 +20,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    true,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -142,6 +143,9 @@ class Message(Base):
     tool_call_id: Mapped[str | None] = mapped_column(String(128))
     # Kept in every context, whatever the strategy drops.
     pinned: Mapped[bool] = mapped_column(Boolean, default=False)
+    # On the chat's current branch. Editing a message or regenerating a reply starts a
+    # sibling at the end of the chat and takes the old one and its descendants off the branch.
+    active: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
     # Tokens of this message in chat format, counted once when stored, and the encoding used.
     token_count: Mapped[int | None] = mapped_column(Integer)
     token_encoding: Mapped[str | None] = mapped_column(String(32))

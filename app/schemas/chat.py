@@ -118,7 +118,8 @@ class MessageRead(BaseModel):
     finish_reason: str | None
     usage: Usage | None
     error: dict[str, Any] | None
-    pinned: StrictBool = False
+    pinned: bool = False
+    active: bool = Field(default=True, description="On the chat's current branch")
     tokens: int | None = Field(default=None, description="This message's tokens in chat format, counted when stored")
     context_messages: int | None = Field(default=None, description="On replies: messages in the context sent")
     context_tokens: int | None = Field(default=None, description="On replies: tokens of the context sent")
@@ -131,7 +132,18 @@ class MessageRead(BaseModel):
 
 
 class MessageUpdate(Input):
+    """Pin a message, or give a user message new content: a sibling branch, answered at once with `reply`."""
+
     pinned: StrictBool | None = Field(default=None, description="Keep this message in every context")
+    content: Content | None = Field(default=None, description="New content for a user message (a sibling branch)")
+    reply: StrictBool = Field(default=False, description="With new content: get the model's reply to it")
+    stream: StrictBool = Field(default=False, description="With reply: stream it as server-sent events")
+
+
+class RegenerateRequest(Input):
+    stream: StrictBool = False
+    model: ModelName | None = None
+    params: ChatParams | None = None
 
 
 class MessageCreate(Input):

@@ -9,8 +9,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.core.errors import NotFoundError
 from app.core.security import Principal
-from app.db.models import Chat, Message, new_id, utcnow
-from app.schemas.chat import ChatCreate, ChatListParams, ChatParams, ChatRead, ChatUpdate, MessageUpdate
+from app.db.models import Chat, new_id, utcnow
+from app.schemas.chat import ChatCreate, ChatListParams, ChatParams, ChatRead, ChatUpdate
 from app.schemas.common import ListParams, Page
 from app.schemas.context import BudgetRead, ContextPart, ContextRead, DroppedRead, SummaryRead
 from app.services.pagination import cursor_values, paginate
@@ -168,17 +168,3 @@ async def context_preview(
         ),
         dropped=dropped,
     )
-
-
-async def update_message(
-    session: AsyncSession, principal: Principal, chat_id: str, message_id: str, data: MessageUpdate
-) -> Message:
-    """Pin or unpin a message of the caller's chat."""
-    chat = await get_owned_chat(session, principal, chat_id)
-    message = await session.scalar(select(Message).where(Message.id == message_id, Message.chat_id == chat.id))
-    if message is None:
-        raise NotFoundError(f"No message found with id '{message_id}' in this chat.", param="message_id")
-    if data.pinned is not None:
-        message.pinned = data.pinned
-    await session.commit()
-    return message

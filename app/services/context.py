@@ -233,6 +233,7 @@ class ContextBuilder:
             select(Message).where(
                 Message.chat_id == chat.id,
                 Message.pinned.is_(True),
+                Message.active.is_(True),
                 Message.seq > floor,
                 Message.seq < before_seq,
                 Message.status != "error",
@@ -269,6 +270,7 @@ class ContextBuilder:
                     select(Message)
                     .where(
                         Message.chat_id == chat.id,
+                        Message.active.is_(True),
                         Message.seq > floor,
                         Message.seq < upper,
                         Message.status != "error",
@@ -316,6 +318,7 @@ class ContextBuilder:
                 Message.chat_id == chat.id,
                 Message.seq > floor,
                 Message.seq < plan.dropped_before_seq,
+                Message.active.is_(True),
                 Message.status != "error",
                 Message.pinned.is_(False),
             )

@@ -24,11 +24,11 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.core.errors import AppError, NotFoundError, ServiceUnavailableError
+from app.core.errors import AppError, InvalidRequestError, NotFoundError, ServiceUnavailableError
 from app.core.logging import get_logger
 from app.core.security import Principal
 from app.db.models import Chat, ChatSummary, Message, UsageRecord, new_id, utcnow
-from app.schemas.chat import ChatParams, MessageCreate, MessageRead, SendResult, Usage
+from app.schemas.chat import ChatParams, MessageCreate, MessageRead, MessageUpdate, RegenerateRequest, SendResult, Usage
 from app.services.chats import get_owned_chat
 from app.services.context import (
     SUMMARY_MAX_TOKENS,
@@ -61,6 +61,7 @@ def message_read(message: Message) -> MessageRead:
         usage=Usage.model_validate(message.usage) if message.usage else None,
         error=message.error,
         pinned=message.pinned,
+        active=message.active,
         tokens=message.token_count,
         context_messages=message.context_messages,
         context_tokens=message.context_tokens,
@@ -97,48 +98,103 @@ def _require(upstream: Upstream | None) -> Upstream:
     return upstream
 
 
-async def _start_turn(
-    session: AsyncSession, runtime: ChatRuntime, principal: Principal, chat: Chat, data: MessageCreate
-) -> Turn:
-    model = data.model or chat.model or runtime.default_model
-    principal.check_model(model)
-    overrides = data.params.model_dump(exclude_none=True) if data.params else {}
-    params = ChatParams.model_validate({**chat.params, **overrides}).upstream()
+@dataclass(frozen=True, slots=True)
+class TurnRequest:
+    """What a turn answers: new content to send (or None: answer `answer` again), and where it forks."""
 
-    now = utcnow()
-    # The UPDATE takes the chat's row lock (SQLite: the write lock) until commit,
-    # so positions are handed out one sender at a time.
+    content: str | None
+    model: str | None = None
+    params: ChatParams | None = None
+    fork: Message | None = None  # taken off the branch, with its descendants
+    answer: Message | None = None  # the user message a regenerated reply answers
+
+
+async def _take_off_branch(session: AsyncSession, chat: Chat, fork: Message) -> None:
+    # The current branch is one path, so `fork` and its descendants on it are the
+    # active messages from its position on.
+    await session.execute(
+        update(Message)
+        .where(Message.chat_id == chat.id, Message.active.is_(True), Message.seq >= fork.seq)
+        .values(active=False)
+    )
+
+
+async def _current_leaf(session: AsyncSession, chat: Chat, below: int) -> str | None:
+    return await session.scalar(
+        select(Message.id)
+        .where(Message.chat_id == chat.id, Message.active.is_(True), Message.seq < below)
+        .order_by(Message.seq.desc())
+        .limit(1)
+    )
+
+
+async def _reserve(session: AsyncSession, chat: Chat, count: int) -> int:
+    """The first of `count` new positions; the UPDATE holds the chat's row lock (SQLite: the write
+    lock) until commit, so positions are handed out one writer at a time."""
     next_seq = await session.scalar(
         update(Chat)
         .where(Chat.id == chat.id)
-        .values(next_seq=Chat.next_seq + 2, message_count=Chat.message_count + 1, updated_at=now)
+        .values(next_seq=Chat.next_seq + count, updated_at=utcnow())
         .returning(Chat.next_seq)
     )
     assert next_seq is not None
-    seq = next_seq - 2
-    parent_id = await session.scalar(
-        select(Message.id).where(Message.chat_id == chat.id, Message.seq < seq).order_by(Message.seq.desc()).limit(1)
-    )
-    user_message = Message(
+    return int(next_seq) - count
+
+
+async def _store_user_message(
+    session: AsyncSession,
+    runtime: ChatRuntime,
+    chat: Chat,
+    principal: Principal,
+    content: str,
+    seq: int,
+    parent_id: str | None,
+    model: str,
+) -> Message:
+    message = Message(
         id=new_id("msg"),
         chat_id=chat.id,
         user_id=principal.user_id,
         seq=seq,
         parent_id=parent_id,
         role="user",
-        content=data.content,
+        content=content,
         status="complete",
-        created_at=now,
+        created_at=utcnow(),
     )
-    user_message.token_count = runtime.context.count(upstream_message(user_message), model)
-    user_message.token_encoding = runtime.context.encoding(model)
-    session.add(user_message)
+    message.token_count = runtime.context.count(upstream_message(message), model)
+    message.token_encoding = runtime.context.encoding(model)
+    session.add(message)
+    await session.execute(update(Chat).where(Chat.id == chat.id).values(message_count=Chat.message_count + 1))
     await session.flush()
-    # Refused here (context_length_exceeded) means rolled back: the message is not kept.
-    plan = await runtime.context.plan(session, chat, model, params, seq + 1)
+    return message
+
+
+async def _start_turn(
+    session: AsyncSession, runtime: ChatRuntime, principal: Principal, chat: Chat, request: TurnRequest
+) -> Turn:
+    model = request.model or chat.model or runtime.default_model
+    principal.check_model(model)
+    overrides = request.params.model_dump(exclude_none=True) if request.params else {}
+    params = ChatParams.model_validate({**chat.params, **overrides}).upstream()
+
+    if request.fork is not None:
+        await _take_off_branch(session, chat, request.fork)
+    if request.content is not None:
+        seq = await _reserve(session, chat, 2)
+        parent_id = request.fork.parent_id if request.fork else await _current_leaf(session, chat, seq)
+        user_message = await _store_user_message(
+            session, runtime, chat, principal, request.content, seq, parent_id, model
+        )
+        reply_seq = seq + 1
+    else:
+        assert request.answer is not None
+        user_message, reply_seq = request.answer, await _reserve(session, chat, 1)
+    # Refused here (context_length_exceeded) means rolled back: nothing of the turn is kept.
+    plan = await runtime.context.plan(session, chat, model, params, reply_seq)
     await session.commit()
     call = CallContext(principal.user_id, principal.key_id, chat.id, "chat.message")
-    turn = Turn(user_message, new_id("msg"), seq + 1, model, plan, params, call)
+    turn = Turn(user_message, new_id("msg"), reply_seq, model, plan, params, call)
     if plan.to_summarise:
         turn.plan = await _summarise(session, runtime, chat, turn)
     return turn
@@ -311,14 +367,13 @@ async def _open_turn(
     session: AsyncSession,
     runtime: ChatRuntime,
     principal: Principal,
-    chat_id: str,
-    data: MessageCreate,
+    chat: Chat,
+    request: TurnRequest,
     call: Callable[[Upstream, Turn], Awaitable[T]],
 ) -> tuple[Turn, T]:
     """Store the user's message and make the upstream call; a failed call is stored as an error reply."""
-    chat = await get_owned_chat(session, principal, chat_id)
     client = _require(runtime.upstream)
-    turn = await _start_turn(session, runtime, principal, chat, data)
+    turn = await _start_turn(session, runtime, principal, chat, request)
     try:
         return turn, await call(client, turn)
     except AppError as exc:
@@ -339,8 +394,17 @@ async def send_message(
     session: AsyncSession, runtime: ChatRuntime, principal: Principal, chat_id: str, data: MessageCreate
 ) -> SendResult:
     """Store the user's message, get the whole reply, store it and return both."""
+    chat = await get_owned_chat(session, principal, chat_id)
+    return await complete_turn(session, runtime, principal, chat, TurnRequest(data.content, data.model, data.params))
+
+
+async def complete_turn(
+    session: AsyncSession, runtime: ChatRuntime, principal: Principal, chat: Chat, request: TurnRequest
+) -> SendResult:
+    """Run a turn with a whole reply."""
+    chat_id = chat.id
     turn, completion = await _open_turn(
-        session, runtime, principal, chat_id, data, lambda c, t: c.complete(t.model, t.context, t.params, t.failed)
+        session, runtime, principal, chat, request, lambda c, t: c.complete(t.model, t.context, t.params, t.failed)
     )
     reply = await _store_reply(
         session,
@@ -379,10 +443,88 @@ async def start_stream(
     session: AsyncSession, runtime: ChatRuntime, principal: Principal, chat_id: str, data: MessageCreate
 ) -> AsyncIterator[bytes]:
     """Store the user's message and open the upstream stream; failures so far are plain HTTP errors."""
+    chat = await get_owned_chat(session, principal, chat_id)
+    return await stream_turn(session, runtime, principal, chat, TurnRequest(data.content, data.model, data.params))
+
+
+async def stream_turn(
+    session: AsyncSession, runtime: ChatRuntime, principal: Principal, chat: Chat, request: TurnRequest
+) -> AsyncIterator[bytes]:
+    """Run a turn with a streamed reply."""
     turn, stream = await _open_turn(
-        session, runtime, principal, chat_id, data, lambda c, t: c.stream(t.model, t.context, t.params, t.failed)
+        session, runtime, principal, chat, request, lambda c, t: c.stream(t.model, t.context, t.params, t.failed)
     )
     return _relay(runtime, turn, stream)
+
+
+async def _branch_point(
+    session: AsyncSession, principal: Principal, chat_id: str, message_id: str
+) -> tuple[Chat, Message]:
+    chat = await get_owned_chat(session, principal, chat_id)
+    message = await session.scalar(select(Message).where(Message.id == message_id, Message.chat_id == chat.id))
+    if message is None:
+        raise NotFoundError(f"No message found with id '{message_id}' in this chat.", param="message_id")
+    if not message.active:
+        raise InvalidRequestError(
+            "This message is not on the chat's current branch.", param="message_id", code="not_on_current_branch"
+        )
+    return chat, message
+
+
+async def regenerate(
+    session: AsyncSession,
+    runtime: ChatRuntime,
+    principal: Principal,
+    chat_id: str,
+    message_id: str,
+    data: RegenerateRequest,
+) -> SendResult | AsyncIterator[bytes]:
+    """A new reply to the same turn, as a sibling of `message_id` (which leaves the current branch)."""
+    chat, old = await _branch_point(session, principal, chat_id, message_id)
+    if old.role != "assistant" or old.parent_id is None:
+        raise InvalidRequestError("Only an assistant reply can be regenerated.", param="message_id")
+    answer = await session.scalar(select(Message).where(Message.id == old.parent_id, Message.chat_id == chat.id))
+    if answer is None:
+        raise InvalidRequestError("The message this reply answered is gone.", param="message_id")
+    request = TurnRequest(None, data.model, data.params, fork=old, answer=answer)
+    if data.stream:
+        return await stream_turn(session, runtime, principal, chat, request)
+    return await complete_turn(session, runtime, principal, chat, request)
+
+
+async def edit_message(
+    session: AsyncSession,
+    runtime: ChatRuntime,
+    principal: Principal,
+    chat_id: str,
+    message_id: str,
+    data: MessageUpdate,
+) -> Message | SendResult | AsyncIterator[bytes]:
+    """Pin or unpin a message; new content makes a sibling branch (answered at once with `reply`)."""
+    if data.content is None:
+        chat = await get_owned_chat(session, principal, chat_id)
+        message = await session.scalar(select(Message).where(Message.id == message_id, Message.chat_id == chat.id))
+        if message is None:
+            raise NotFoundError(f"No message found with id '{message_id}' in this chat.", param="message_id")
+        if data.pinned is not None:
+            message.pinned = data.pinned
+        await session.commit()
+        return message
+    chat, old = await _branch_point(session, principal, chat_id, message_id)
+    if old.role != "user":
+        raise InvalidRequestError("Only a user message's content can be edited.", param="message_id")
+    if data.reply:
+        request = TurnRequest(data.content, fork=old)
+        if data.stream:
+            return await stream_turn(session, runtime, principal, chat, request)
+        return await complete_turn(session, runtime, principal, chat, request)
+    await _take_off_branch(session, chat, old)
+    seq = await _reserve(session, chat, 1)
+    model = chat.model or runtime.default_model
+    message = await _store_user_message(session, runtime, chat, principal, data.content, seq, old.parent_id, model)
+    message.pinned = bool(data.pinned)
+    await session.commit()
+    return message
 
 
 async def _relay(runtime: ChatRuntime, turn: Turn, stream: ReplyStream) -> AsyncIterator[bytes]:

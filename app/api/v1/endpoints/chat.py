@@ -1,3 +1,4 @@
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Query, status
@@ -5,6 +6,7 @@ from fastapi.responses import StreamingResponse
 
 from app.core.security import CurrentPrincipal
 from app.db.database import SessionDep
+from app.db.models import Message
 from app.schemas.chat import (
     ChatCreate,
     ChatListParams,
@@ -13,6 +15,7 @@ from app.schemas.chat import (
     MessageCreate,
     MessageRead,
     MessageUpdate,
+    RegenerateRequest,
     SendResult,
 )
 from app.schemas.common import Deleted, ListParams, Page
@@ -93,9 +96,47 @@ async def send_message(
     return await messages.send_message(session, runtime, principal, chat_id, data)
 
 
-@router.patch("/{chat_id}/messages/{message_id}")
+@router.patch(
+    "/{chat_id}/messages/{message_id}",
+    response_model=MessageRead | SendResult,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "With `reply` and `stream`, SSE events."}},
+)
 async def update_message(
-    chat_id: str, message_id: str, data: MessageUpdate, principal: CurrentPrincipal, session: SessionDep
-) -> MessageRead:
-    """Pin a message (kept in every context, whatever the strategy) or unpin it."""
-    return messages.message_read(await chats.update_message(session, principal, chat_id, message_id, data))
+    chat_id: str,
+    message_id: str,
+    data: MessageUpdate,
+    principal: CurrentPrincipal,
+    session: SessionDep,
+    runtime: ChatRuntimeDep,
+) -> MessageRead | SendResult | StreamingResponse:
+    """Pin or unpin a message; new content for a user message makes a sibling branch (`reply` answers it)."""
+    result = await messages.edit_message(session, runtime, principal, chat_id, message_id, data)
+    return _respond(result)
+
+
+@router.post(
+    "/{chat_id}/messages/{message_id}/regenerate",
+    response_model=SendResult,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "With `stream: true`, SSE events."}},
+)
+async def regenerate_reply(
+    chat_id: str,
+    message_id: str,
+    data: RegenerateRequest,
+    principal: CurrentPrincipal,
+    session: SessionDep,
+    runtime: ChatRuntimeDep,
+) -> SendResult | StreamingResponse:
+    """A new reply to the same turn, as a sibling of this one (which leaves the current branch)."""
+    result = await messages.regenerate(session, runtime, principal, chat_id, message_id, data)
+    if isinstance(result, SendResult):
+        return result
+    return StreamingResponse(result, media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+def _respond(result: Message | SendResult | AsyncIterator[bytes]) -> MessageRead | SendResult | StreamingResponse:
+    if isinstance(result, Message):
+        return messages.message_read(result)
+    if isinstance(result, SendResult):
+        return result
+    return StreamingResponse(result, media_type="text/event-stream", headers=SSE_HEADERS)
