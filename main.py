@@ -9,7 +9,9 @@ python main.py purge [--days N] [--batch 1000]     delete messages older than N 
 
 import argparse
 import asyncio
+import os
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -27,6 +29,7 @@ from app.api.v1.router import api_router, openai_router
 from app.core.config import ConfigError, Settings, get_settings
 from app.core.errors import install_error_handlers
 from app.core.logging import configure_logging, get_logger
+from app.core.metrics import Metrics
 from app.core.middleware import RequestContextMiddleware
 from app.db.database import create_engine, create_session_factory
 from app.db.migrations import head_revision, upgrade_to_head
@@ -63,7 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         tokenizer = Tokenizer()
         await anyio.to_thread.run_sync(tokenizer.preload)
         catalog = ModelCatalog.load(overrides=settings.model_catalog_file)
-        app.state.accounting = Accounting(catalog, tokenizer)
+        app.state.accounting = Accounting(catalog, tokenizer, metrics)
         # Late, so that less can fail with the local model's process already started.
         provider = await _open_provider(settings)
         if provider is not None:
@@ -119,17 +122,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         strict_content_type=False,
     )
     app.state.settings = settings
+    metrics = app.state.metrics = Metrics(settings.prometheus_multiproc_dir)
     install_error_handlers(app)
     app.add_middleware(
         RequestContextMiddleware,
         max_body_bytes=settings.max_request_bytes,
         authenticated_prefixes=("/api/v1/", "/v1/"),
+        metrics=metrics,
     )
     app.include_router(health.router)
     app.include_router(api_router)
     app.include_router(openai_router)
 
-    # Swagger UI served from the installed package, so /docs works offline.
+    _mount_docs(app)
+    return app
+
+
+def _mount_docs(app: FastAPI) -> None:
+    """Swagger UI served from the installed package, so /docs works offline."""
     app.mount("/docs/static", StaticFiles(directory=str(files("swagger_ui") / "static")), name="docs-static")
 
     @app.get("/docs", include_in_schema=False)
@@ -141,8 +151,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             swagger_css_url="/docs/static/swagger-ui.css",
             swagger_favicon_url="/docs/static/favicon-32x32.png",
         )
-
-    return app
 
 
 async def _open_provider(settings: Settings) -> tuple[str, str, LocalModel | None] | None:
@@ -204,6 +212,7 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="apply migrations and run the server (default)")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    serve.add_argument("--workers", type=int, help="worker processes (default WORKERS, 1)")
     sub.add_parser("migrate", help="apply database migrations")
     user = sub.add_parser("create-user", help="create a user and print its id")
     user.add_argument("name")
@@ -216,7 +225,7 @@ def _parser() -> argparse.ArgumentParser:
     purge = sub.add_parser("purge", help="delete messages older than --days (default HISTORY_RETENTION_DAYS)")
     purge.add_argument("--days", type=_positive)
     purge.add_argument("--batch", type=_positive, default=1000, help="messages per transaction (default 1000)")
-    parser.set_defaults(host=None, port=None)
+    parser.set_defaults(host=None, port=None, workers=None)
     return parser
 
 
@@ -263,8 +272,28 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 "  no ADMIN_API_KEY set: create an admin key with `python main.py create-key --admin`", file=sys.stderr
             )
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", access_log=False)
+        _serve(settings, host, port, args.workers or settings.workers)
     return 0
+
+
+def _serve(settings: Settings, host: str, port: int, workers: int) -> None:
+    """Run uvicorn: in this process, or in `workers` processes that share /metrics through files."""
+    if workers == 1:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", access_log=False)
+        return
+    with tempfile.TemporaryDirectory(prefix="openai_service_metrics_") as metrics_dir:
+        # The workers read their settings from the environment; this is how they find the metrics files.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        print(f"  {workers} worker processes", file=sys.stderr)
+        uvicorn.run(
+            "main:create_app",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_level="warning",
+            access_log=False,
+        )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
+from app.core.metrics import CONTENT_TYPE
 from app.db.migrations import current_revision
 
 router = APIRouter(tags=["operations"])
@@ -26,3 +27,9 @@ async def readyz(request: Request) -> JSONResponse:
             status_code=503,
         )
     return JSONResponse({"status": "ok", "database": "ok", "migrations": {"current": revision, "head": head}})
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics: HTTP requests, upstream calls, tokens, cost, latency histograms."""
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)

@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     )
     context_reserve_tokens: int = Field(default=4096, ge=1, le=1_000_000)
     context_safety_margin: int = Field(default=64, ge=0, le=100_000)
+    prometheus_multiproc_dir: Path | None = Field(
+        default=None, description="Set (by `main.py --workers N`) when several processes share /metrics"
+    )
+    workers: int = Field(default=1, ge=1, le=64)
     redis_url: str | None = None
     history_retention_days: int | None = Field(
         default=None, ge=1, le=36_500, description="`main.py purge` deletes messages older than this many days"

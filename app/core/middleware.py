@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.core.errors import AppError, PayloadTooLargeError, error_response
 from app.core.logging import get_logger, request_id_var
+from app.core.metrics import Metrics
 from app.core.security import bearer_token
 
 log = get_logger("access")
@@ -27,14 +28,36 @@ class _BodyTooLarge(HTTPException):
         super().__init__(413, detail=f"Request body is larger than the limit of {limit} bytes.")
 
 
+def route_template(scope: Scope) -> str:
+    """The matched route's template (`/api/v1/chats/{chat_id}`), never the raw path: ids would make
+    a metrics series per object. Requests that matched no route share one label."""
+    if "endpoint" not in scope:
+        return "unmatched"
+    segments = scope["path"].split("/")
+    for name, value in scope.get("path_params", {}).items():
+        parts = str(value).split("/")
+        for i in range(len(segments) - len(parts), -1, -1):
+            if segments[i : i + len(parts)] == parts:
+                segments[i : i + len(parts)] = ["{" + name + "}"]
+                break
+    return "/".join(segments)
+
+
 class RequestContextMiddleware:
     """Tag every request with an id (echoed as `x-request-id`), cap its body, log its outcome,
     and turn away requests under `authenticated_prefixes` that carry no bearer key."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, authenticated_prefixes: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        authenticated_prefixes: tuple[str, ...] = (),
+        metrics: Metrics | None = None,
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.authenticated_prefixes = authenticated_prefixes
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -85,13 +108,16 @@ class RequestContextMiddleware:
             if status == 0:
                 await error_response(PayloadTooLargeError(str(too_large.detail)))(scope, receive, send_with_id)
         finally:
+            elapsed = time.perf_counter() - started
             log.info(
                 "request",
                 extra={
                     "method": scope["method"],
                     "path": scope["path"],
                     "status": status,
-                    "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                    "duration_ms": round(elapsed * 1000, 2),
                 },
             )
+            if self.metrics is not None:
+                self.metrics.observe_http(scope["method"], route_template(scope), status, elapsed)
             request_id_var.reset(token)

@@ -16,6 +16,7 @@ from fastapi import Depends, Request
 from sqlalchemy import insert
 
 from app.core.logging import get_logger
+from app.core.metrics import Metrics
 from app.db.database import SessionFactory
 from app.db.models import UsageRecord
 from app.services.catalog import ModelCatalog
@@ -38,9 +39,10 @@ class CallContext:
 class Accounting:
     """Turns upstream attempts into priced ledger rows."""
 
-    def __init__(self, catalog: ModelCatalog, tokenizer: Tokenizer) -> None:
+    def __init__(self, catalog: ModelCatalog, tokenizer: Tokenizer, metrics: Metrics | None = None) -> None:
         self.catalog = catalog
         self.tokenizer = tokenizer
+        self.metrics = metrics
 
     def estimate(self, model: str, context: list[dict[str, Any]], output: str) -> dict[str, Any]:
         """Usage counted here, in OpenAI's shape, marked as an estimate."""
@@ -92,7 +94,7 @@ class Accounting:
         output = int(usage.get("completion_tokens", 0))
         reasoning = int(usage.get("completion_tokens_details", {}).get("reasoning_tokens", 0))
         source = "none" if not usage else usage.get("source", "reported")
-        return UsageRecord(
+        record = UsageRecord(
             created_at=attempt.started_at,
             user_id=call.user_id,
             api_key_id=call.api_key_id,
@@ -116,6 +118,9 @@ class Accounting:
             upstream_request_id=attempt.request_id,
             source=source,
         )
+        if self.metrics is not None:
+            self.metrics.observe_usage(record)
+        return record
 
 
 class LedgerWriter:
