@@ -21,8 +21,8 @@ from typing import Any
 
 import jsonschema
 import yaml
-from referencing import Registry, Resource
-from referencing.jsonschema import DRAFT4, DRAFT202012, Specification
+from referencing import Registry, Resource, Specification
+from referencing.jsonschema import DRAFT4, DRAFT202012
 
 SPEC_ENV = "OPENAI_OPENAPI_SPEC"
 DEFAULT_SPEC = Path(__file__).resolve().parents[2] / "shared" / "openai-openapi" / "openapi.yaml"
@@ -95,17 +95,25 @@ class OpenAPISchemas:
             raise AssertionError(f"{name} violated:\n" + "\n".join(problems))
 
 
-@functools.cache
 def load_spec(path: Path | None = None) -> dict[str, Any]:
     """The parsed OpenAPI document (parsed once per process)."""
-    with (path or spec_path()).open("rb") as f:
-        spec = yaml.load(f, Loader=_Loader)  # noqa: S506 - a SafeLoader
+    return _load_spec(path or spec_path())
+
+
+def openai_schemas(path: Path | None = None) -> OpenAPISchemas:
+    """The spec's schemas (built once per process)."""
+    return _schemas(path or spec_path())
+
+
+@functools.cache
+def _load_spec(path: Path) -> dict[str, Any]:
+    with path.open("rb") as f:
+        spec = yaml.load(f, Loader=_Loader)
     if not isinstance(spec, dict):
-        raise ValueError("the OpenAPI document is not a mapping")
+        raise ValueError(f"{path} is not an OpenAPI document")
     return spec
 
 
 @functools.cache
-def openai_schemas(path: Path | None = None) -> OpenAPISchemas:
-    """The spec's schemas (built once per process)."""
-    return OpenAPISchemas(load_spec(path))
+def _schemas(path: Path) -> OpenAPISchemas:
+    return OpenAPISchemas(_load_spec(path))

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from tests.conftest import Caller
 from tests.fake_upstream import FakeUpstream
+from tests.helpers import SSL_CONTEXT
 from tests.openapi_schema import OpenAPISchemas, openai_schemas
 
 MODEL = "gpt-4o-mini"
@@ -32,7 +33,8 @@ def schemas() -> OpenAPISchemas:
 
 @pytest.fixture
 def sdk(alice: Caller, service: str) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"{service}/v1", api_key=alice.key, max_retries=0) as client:
+    http = openai.DefaultHttpxClient(verify=SSL_CONTEXT)
+    with openai.OpenAI(base_url=f"{service}/v1", api_key=alice.key, max_retries=0, http_client=http) as client:
         yield client
 
 
@@ -55,7 +57,10 @@ def as_if_from(reference: bytes, got: bytes) -> bytes:
     """`reference` with its completion id and creation time replaced by those in `got`."""
     ref_id, got_id = _ID.search(reference), _ID.search(got)
     ref_created, got_created = _CREATED.search(reference), _CREATED.search(got)
-    assert ref_id and got_id and ref_created and got_created, (reference, got)
+    assert ref_id is not None, reference
+    assert got_id is not None, got
+    assert ref_created is not None, reference
+    assert got_created is not None, got
     return reference.replace(ref_id.group(0), got_id.group(0)).replace(ref_created.group(0), got_created.group(0))
 
 
@@ -129,7 +134,10 @@ def test_upstream_gets_the_service_key_never_the_clients(
 
 def test_upstream_base_url_cannot_be_chosen_by_the_client(sdk: openai.OpenAI, upstream: FakeUpstream) -> None:
     sdk.chat.completions.create(
-        model=MODEL, messages=HELLO, extra_query={"base_url": "http://127.0.0.2:9/v1"}, extra_headers={"openai-base-url": "http://127.0.0.2:9/v1"}
+        model=MODEL,
+        messages=HELLO,
+        extra_query={"base_url": "http://127.0.0.2:9/v1"},
+        extra_headers={"openai-base-url": "http://127.0.0.2:9/v1"},
     )
 
     assert [(r.method, r.path) for r in upstream.requests] == [("POST", "/v1/chat/completions")]
@@ -184,9 +192,7 @@ def test_upstream_is_always_asked_for_usage(
 
 def test_stream_with_include_usage_ends_with_the_usage_chunk(sdk: openai.OpenAI, upstream: FakeUpstream) -> None:
     chunks = list(
-        sdk.chat.completions.create(
-            model=MODEL, messages=HELLO, stream=True, stream_options={"include_usage": True}
-        )
+        sdk.chat.completions.create(model=MODEL, messages=HELLO, stream=True, stream_options={"include_usage": True})
     )
 
     totals = upstream.totals
@@ -218,9 +224,7 @@ def test_stream_chunks_validate_against_the_openapi_schema(
 
     assert done == b"[DONE]"
     assert len(chunks) == 6 if include_usage else 5
-    assert [schemas.errors("CreateChatCompletionStreamResponse", orjson.loads(c)) for c in chunks] == [[]] * len(
-        chunks
-    )
+    assert [schemas.errors("CreateChatCompletionStreamResponse", orjson.loads(c)) for c in chunks] == [[]] * len(chunks)
 
 
 def test_stream_reports_the_service_overhead(sdk: openai.OpenAI, upstream: FakeUpstream) -> None:
@@ -241,9 +245,7 @@ def test_stream_helper_yields_content_events(sdk: openai.OpenAI) -> None:
 
 
 def test_stream_helper_assembles_the_final_completion(sdk: openai.OpenAI, upstream: FakeUpstream) -> None:
-    with sdk.chat.completions.stream(
-        model=MODEL, messages=HELLO, stream_options={"include_usage": True}
-    ) as stream:
+    with sdk.chat.completions.stream(model=MODEL, messages=HELLO, stream_options={"include_usage": True}) as stream:
         final = stream.get_final_completion()
 
     totals = upstream.totals

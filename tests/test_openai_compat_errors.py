@@ -130,9 +130,10 @@ def test_bad_key_never_reaches_the_upstream(service: str, wire: Wire, upstream: 
 
 
 def test_bad_key_is_not_retried_by_the_sdk(service: str, wire: Wire) -> None:
-    with wire.client(service, "sk-os-not-a-key", max_retries=2) as client, pytest.raises(
-        openai.AuthenticationError
-    ) as raised:
+    with (
+        wire.client(service, "sk-os-not-a-key", max_retries=2) as client,
+        pytest.raises(openai.AuthenticationError) as raised,
+    ):
         client.chat.completions.create(model=MODEL, messages=HELLO)
 
     assert raised.value.response.headers["x-should-retry"] == "false"
@@ -213,7 +214,9 @@ def test_invalid_json_body_is_400_in_openai_shape(
     service: str, alice: Caller, upstream: FakeUpstream, schemas: OpenAPISchemas
 ) -> None:
     response = alice.http.post(
-        "/v1/chat/completions", content=b'{"model": "gpt-4o-mini", "messages": [', headers={"content-type": "application/json"}
+        "/v1/chat/completions",
+        content=b'{"model": "gpt-4o-mini", "messages": [',
+        headers={"content-type": "application/json"},
     )
 
     assert_error(response, 400, code=None, message="We could not parse the JSON body of your request.")
@@ -310,7 +313,9 @@ def test_upstream_400_is_relayed_byte_for_byte(sdk: openai.OpenAI, upstream: Fak
     with pytest.raises(openai.BadRequestError) as raised:
         sdk.chat.completions.create(model=MODEL, messages=HELLO, temperature=3)
 
-    expected = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": "decimal_above_max_value"}}
+    expected = {
+        "error": {"message": message, "type": "invalid_request_error", "param": None, "code": "decimal_above_max_value"}
+    }
     assert raised.value.response.content == orjson.dumps(expected)
     assert raised.value.response.headers["x-should-retry"] == "false"
 
@@ -326,7 +331,9 @@ def test_upstream_400_is_not_retried_by_the_sdk(
     assert (len(wire.requests), chat_requests(upstream)) == (1, 1)
 
 
-def test_upstream_422_is_relayed_as_unprocessable(sdk: openai.OpenAI, schemas: OpenAPISchemas, upstream: FakeUpstream) -> None:
+def test_upstream_422_is_relayed_as_unprocessable(
+    sdk: openai.OpenAI, schemas: OpenAPISchemas, upstream: FakeUpstream
+) -> None:
     upstream.fail_next(422)
 
     with pytest.raises(openai.UnprocessableEntityError) as raised:
@@ -367,7 +374,9 @@ def test_upstream_rate_limit_raises_rate_limit_error_with_retry_after(
     assert raised.value.response.headers["retry-after"] == "0"
 
 
-def test_service_retries_a_rate_limit_three_times_before_relaying_it(sdk: openai.OpenAI, upstream: FakeUpstream) -> None:
+def test_service_retries_a_rate_limit_three_times_before_relaying_it(
+    sdk: openai.OpenAI, upstream: FakeUpstream
+) -> None:
     upstream.fail_next(429, times=3, retry_after="0")
 
     with pytest.raises(openai.RateLimitError):
@@ -490,8 +499,7 @@ def test_stream_cut_mid_way_raises_during_iteration(sdk: openai.OpenAI, upstream
 
     stream = sdk.chat.completions.create(model=MODEL, messages=HELLO, stream=True)
     with pytest.raises(openai.APIError) as raised:
-        for chunk in stream:
-            received.append(chunk.choices[0].delta.content)
+        received.extend(chunk.choices[0].delta.content for chunk in stream)
 
     assert type(raised.value) is openai.APIError
     assert raised.value.body == {
@@ -503,7 +511,9 @@ def test_stream_cut_mid_way_raises_during_iteration(sdk: openai.OpenAI, upstream
     assert received == ["", "Echo:", " hello"]
 
 
-def test_stream_cut_mid_way_never_ends_with_done(sdk: openai.OpenAI, upstream: FakeUpstream, schemas: OpenAPISchemas) -> None:
+def test_stream_cut_mid_way_never_ends_with_done(
+    sdk: openai.OpenAI, upstream: FakeUpstream, schemas: OpenAPISchemas
+) -> None:
     upstream.cut_stream_next(after_chunks=1)
 
     with sdk.chat.completions.with_streaming_response.create(model=MODEL, messages=HELLO, stream=True) as response:

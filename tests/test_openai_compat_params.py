@@ -15,14 +15,16 @@ import pytest
 
 from tests.conftest import Caller
 from tests.fake_upstream import FakeUpstream
+from tests.helpers import SSL_CONTEXT
 
 MODEL = "gpt-4o-mini"
 PIXEL = (
-    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
+    "data:image/png;base64,"
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
 )
 WAV = "UklGRiQAAABXQVZFZm10IBAAAAABAAEAQB8AAEAfAAABAAgAZGF0YQAAAAA="
 
-WEATHER_TOOL: dict[str, Any] = {
+WEATHER_TOOL: Any = {
     "type": "function",
     "function": {
         "name": "get_weather",
@@ -53,7 +55,10 @@ JSON_SCHEMA_FORMAT: dict[str, Any] = {
 # One case per parameter (or group of parameters that only make sense together).
 PARAMETERS: dict[str, dict[str, Any]] = {
     "tools": {"tools": [WEATHER_TOOL], "tool_choice": "auto", "parallel_tool_calls": False},
-    "named-tool-choice": {"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
+    "named-tool-choice": {
+        "tools": [WEATHER_TOOL],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+    },
     "response-format-json-schema": {"response_format": JSON_SCHEMA_FORMAT},
     "response-format-json-object": {"response_format": {"type": "json_object"}},
     "logprobs": {"logprobs": True, "top_logprobs": 3},
@@ -128,7 +133,7 @@ def sdk(alice: Caller, service: str, sent: list[bytes]) -> Iterator[openai.OpenA
         base_url=f"{service}/v1",
         api_key=alice.key,
         max_retries=0,
-        http_client=openai.DefaultHttpxClient(event_hooks={"request": [record]}),
+        http_client=openai.DefaultHttpxClient(verify=SSL_CONTEXT, event_hooks={"request": [record]}),
     ) as client:
         yield client
 
@@ -172,7 +177,9 @@ def test_all_parameters_together_reach_the_upstream_byte_for_byte(
     assert upstream.requests[-1].raw_body == sent[-1]
 
 
-def test_unknown_parameters_reach_the_upstream_too(sdk: openai.OpenAI, sent: list[bytes], upstream: FakeUpstream) -> None:
+def test_unknown_parameters_reach_the_upstream_too(
+    sdk: openai.OpenAI, sent: list[bytes], upstream: FakeUpstream
+) -> None:
     extra = {"future_parameter": {"nested": [1, 2.5, None, True]}, "another": "x"}
     sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], extra_body=extra)
 
@@ -218,7 +225,9 @@ def test_streamed_parameters_with_include_usage_reach_the_upstream_byte_for_byte
     assert upstream.requests[-1].raw_body == sent[-1]
 
 
-def test_store_and_metadata_stay_with_the_service(sdk: openai.OpenAI, sent: list[bytes], upstream: FakeUpstream) -> None:
+def test_store_and_metadata_stay_with_the_service(
+    sdk: openai.OpenAI, sent: list[bytes], upstream: FakeUpstream
+) -> None:
     sdk.chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": "hi"}],

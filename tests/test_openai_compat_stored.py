@@ -39,9 +39,9 @@ def bob_sdk(bob: Caller, service: str) -> Iterator[openai.OpenAI]:
 
 
 def ask(sdk: openai.OpenAI, text: str, *, model: str = MODEL, **params: Any) -> ChatCompletion:
-    return sdk.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": text}], store=True, **params
-    )
+    messages: Any = [{"role": "user", "content": text}]
+    completion: ChatCompletion = sdk.chat.completions.create(model=model, messages=messages, store=True, **params)
+    return completion
 
 
 @pytest.fixture
@@ -378,9 +378,7 @@ def test_other_users_cannot_delete_a_stored_completion(
     assert sdk.chat.completions.retrieve(stored.id).id == stored.id
 
 
-def test_other_users_cannot_read_a_stored_completions_messages(
-    bob_sdk: openai.OpenAI, stored: ChatCompletion
-) -> None:
+def test_other_users_cannot_read_a_stored_completions_messages(bob_sdk: openai.OpenAI, stored: ChatCompletion) -> None:
     with pytest.raises(openai.NotFoundError):
         bob_sdk.chat.completions.messages.list(stored.id)
 

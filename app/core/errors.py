@@ -16,6 +16,7 @@ Services raise these; one handler turns each into
 `{"error": {"message", "type", "param", "code"}}` with its status.
 """
 
+import re
 from typing import Any
 
 import orjson
@@ -120,7 +121,9 @@ class UpstreamTimeoutError(UpstreamError):
 def error_response(error: AppError) -> Response:
     """Render an error in OpenAI's envelope; tell OpenAI's SDKs when a retry cannot help."""
     headers = dict(error.headers)
-    if error.status_code < 500 and error.status_code not in (408, 409, 429):
+    # A client error will fail again; an upstream failure has already been retried here,
+    # so an SDK retrying on top would only multiply the attempts.
+    if (error.status_code < 500 and error.status_code not in (408, 409, 429)) or isinstance(error, UpstreamError):
         headers.setdefault("x-should-retry", "false")
     return Response(
         orjson.dumps(error.body()),
@@ -152,6 +155,16 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 _HTTP_CODES = {400: "invalid_value", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
+def _allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """Every method some route accepts at `path` (Starlette names only the first route's)."""
+    methods: set[str] = set()
+    for template, operations in app.openapi().get("paths", {}).items():
+        pattern = re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template))
+        if re.fullmatch(pattern, path):
+            methods.update(m.upper() for m in operations)
+    return sorted(methods)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Make every error, on every route, answer in OpenAI's shape."""
 
@@ -167,10 +180,14 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
         message = str(exc.detail)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers = {k: v for k, v in headers.items() if k.lower() != "allow"}
+            headers["allow"] = ", ".join(_allowed_methods(app, request.url.path))
         if exc.status_code == 400:  # FastAPI could not read the body (e.g. it is not UTF-8)
             message = "We could not parse the JSON body of your request."
         cls = InvalidRequestError if exc.status_code < 500 else AppError
-        error = cls(message, code=_HTTP_CODES.get(exc.status_code), headers=dict(exc.headers or {}))
+        error = cls(message, code=_HTTP_CODES.get(exc.status_code), headers=headers)
         error.status_code = exc.status_code
         return error_response(error)
 

@@ -96,6 +96,9 @@ async def current_principal(request: Request, session: SessionDep, settings: Set
     if key.expires_at is not None and key.expires_at <= utcnow():
         raise AuthenticationError("This API key has expired.", code="api_key_expired")
     allowed = tuple(key.allowed_models) if key.allowed_models is not None else None
+    # End the lookup's transaction now: held, it would keep a pooled connection (and, on
+    # SQLite, the write lock) through whatever the request waits on next, e.g. the model.
+    await session.commit()
     return Principal(key.user_id, role, key.id, key.name, allowed)
 
 

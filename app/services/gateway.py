@@ -8,7 +8,7 @@ come back byte for byte; a stream is relayed chunk by chunk as it arrives.
 """
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -220,6 +220,16 @@ def _record(
     )
 
 
+async def _events(response: Any) -> AsyncGenerator[bytes, None]:
+    """The upstream's server-sent events, each whole (with its closing blank line)."""
+    buffer = b""
+    async for piece in response.aiter_bytes():
+        buffer += piece
+        while (end := buffer.find(b"\n\n")) >= 0:
+            event, buffer = buffer[: end + 2], buffer[end + 2 :]
+            yield event
+
+
 async def _relay(
     response: Any,
     call: _Call,
@@ -235,58 +245,66 @@ async def _relay(
     stats and its stored completions.
     """
     state = _StreamState()
-    buffer = b""
-    error: AppError | None = None
-    settled = False
-
-    async def settle() -> None:
-        nonlocal settled
-        settled = True
-        attempt.latency_ms = round((time.perf_counter() - attempt.clock) * 1000, 3)
-        text = "".join(state.content)
-        _record(accounting, ledger, call, attempt, state.usage, text, stream=True, served=state.model)
-        if call.store and state.completion_id and state.done and error is None:
-            async with factory() as session:
-                await save_completion(session, call.principal, call.payload, state.completion(), call.metadata)
-
-    pieces = response.aiter_bytes()
+    settle = _Settlement(call, attempt, state, accounting, ledger, factory)
+    events = _events(response)
     try:
         while True:
             try:
-                piece = await anext(pieces)
+                event = await anext(events)
             except StopAsyncIteration:
                 break
             except Exception as exc:  # the upstream connection broke off
                 if not state.done:  # after [DONE] the reply is whole, however the connection ends
-                    error = UpstreamError(
+                    settle.error = UpstreamError(
                         "The upstream connection broke off in the middle of the reply.", code="upstream_stream_broken"
                     )
                     log.warning("upstream_stream_broken", extra={"error": type(exc).__name__})
                 break
-            buffer += piece
-            while (end := buffer.find(b"\n\n")) >= 0:
-                event, buffer = buffer[: end + 2], buffer[end + 2 :]
-                out = state.see(event, call.wants_usage, attempt)
-                if state.done and not settled:
-                    await settle()
-                if out:
-                    yield out
-        if error is None and not state.done:
-            error = UpstreamError("The upstream ended the stream without [DONE].", code="upstream_stream_broken")
-        if error is not None:
-            attempt.status_code, attempt.error_code = error.status_code, error.code
-            if not settled:
+            out = state.see(event, call.wants_usage, attempt)
+            if state.done and not settle.settled:
                 await settle()
-            yield b"data: " + orjson.dumps(error.body()) + b"\n\n"
+            if out:
+                yield out
+        if settle.error is None and not state.done:
+            settle.error = UpstreamError("The upstream ended the stream without [DONE].", code="upstream_stream_broken")
+        if settle.error is not None:
+            attempt.status_code, attempt.error_code = settle.error.status_code, settle.error.code
+            await settle()
+            yield b"data: " + orjson.dumps(settle.error.body()) + b"\n\n"
     except BaseException:
-        if not settled:
+        if not settle.settled:
             attempt.status_code, attempt.error_code = 499, "client_disconnected"
         raise
     finally:
         with anyio.CancelScope(shield=True):
+            await events.aclose()
             await response.aclose()
-            if not settled:
+            if not settle.settled:
                 await settle()
+
+
+@dataclass(slots=True)
+class _Settlement:
+    """Counts a relayed stream (and stores it, if asked and whole), once."""
+
+    call: _Call
+    attempt: Attempt
+    state: "_StreamState"
+    accounting: Accounting
+    ledger: LedgerWriter
+    factory: SessionFactory
+    error: AppError | None = None
+    settled: bool = False
+
+    async def __call__(self) -> None:
+        self.settled = True
+        call, attempt, state = self.call, self.attempt, self.state
+        attempt.latency_ms = round((time.perf_counter() - attempt.clock) * 1000, 3)
+        text = "".join(state.content)
+        _record(self.accounting, self.ledger, call, attempt, state.usage, text, stream=True, served=state.model)
+        if call.store and state.completion_id and state.done and self.error is None:
+            async with self.factory() as session:
+                await save_completion(session, call.principal, call.payload, state.completion(), call.metadata)
 
 
 class _StreamState:

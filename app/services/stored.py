@@ -153,8 +153,13 @@ def _store_message(message_id: str, message: dict[str, Any]) -> dict[str, Any]:
         parts = [p for p in content if isinstance(p, dict) and p.get("type") in ("text", "image_url")]
         texts = [str(p.get("text", "")) for p in parts if p["type"] == "text"]
         content = "\n".join(texts) if texts else None
-    out = {"id": message_id, "role": message.get("role"), "content": content, "name": message.get("name")}
-    out["content_parts"] = parts
+    out = {
+        "id": message_id,
+        "role": message.get("role"),
+        "content": content,
+        "name": message.get("name"),
+        "content_parts": parts,
+    }
     if "tool_calls" in message:
         out["tool_calls"] = message["tool_calls"]
     return out

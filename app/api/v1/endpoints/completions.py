@@ -30,7 +30,6 @@ JSON_BODY: dict[str, Any] = {
 async def create_chat_completion(
     request: Request,
     principal: CurrentPrincipal,
-    session: SessionDep,
     proxy: ProxyDep,
     accounting: AccountingDep,
     ledger: LedgerDep,
@@ -38,9 +37,6 @@ async def create_chat_completion(
 ) -> Response:
     """Create a chat completion exactly as OpenAI's API does, whole or streamed."""
     started = getattr(request.state, "started", None) or time.perf_counter()
-    # The key is checked: give the connection back before waiting on the upstream. Held, it would pin
-    # a pooled connection per call in flight and, on SQLite, the write lock every other request waits for.
-    await session.close()
     relay = await gateway.chat_completions(await request.body(), principal, proxy, accounting, ledger, factory, started)
     if relay.chunks is not None:
         return StreamingResponse(relay.chunks, status_code=relay.status, headers=relay.headers)
