@@ -49,67 +49,77 @@ from app.services.users import create_key, create_user, ensure_admin_user
 log = get_logger("main")
 
 
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Open the engine, model provider, tokenizer, catalog and ledger writer; close them on the way out."""
+    settings: Settings = app.state.settings
+    metrics: Metrics = app.state.metrics
+    engine = create_engine(settings)
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.session_factory = create_session_factory(engine)
+    app.state.schema_head = head_revision()
+    app.state.upstream = app.state.proxy = app.state.local_model = None
+    app.state.ledger = LedgerWriter(app.state.session_factory)
+    app.state.ledger.start()
+    tokenizer = Tokenizer()
+    await anyio.to_thread.run_sync(tokenizer.preload)
+    catalog = ModelCatalog.load(overrides=settings.model_catalog_file)
+    # Late, so that less can fail with the local model's process already started.
+    provider = await _open_provider(settings)
+    if provider is not None:
+        base_url, api_key, app.state.local_model = provider
+        app.state.upstream = Upstream(settings, base_url=base_url, api_key=api_key)
+        app.state.proxy = Proxy(settings, base_url, api_key)
+    if app.state.local_model is not None:
+        # Its model is the default model, for the runtime and every reader of SettingsDep,
+        # and its context is the size the server was started with.
+        app.state.settings = settings.model_copy(update={"default_model": app.state.local_model.name})
+        catalog = catalog.with_limits(
+            app.state.local_model.name,
+            context_window=settings.local_model_context,
+            max_output_tokens=settings.local_model_max_tokens,
+        )
+    app.state.accounting = Accounting(catalog, tokenizer, metrics)
+    app.state.runtime = ChatRuntime(
+        upstream=app.state.upstream,
+        accounting=app.state.accounting,
+        context=ContextBuilder(tokenizer, catalog, settings),
+        factory=app.state.session_factory,
+        default_model=app.state.settings.default_model,
+    )
+    if settings.admin_api_key is not None:
+        async with app.state.session_factory() as session:
+            await ensure_admin_user(session)
+    log.info(
+        "started",
+        extra={
+            "upstream": app.state.upstream.base_url if app.state.upstream else None,
+            "default_model": app.state.settings.default_model,
+            "database": engine.dialect.name,
+        },
+    )
+    if app.state.upstream is None:
+        log.warning(
+            "no_upstream",
+            extra={"hint": "set OPENAI_API_KEY, or run `make local-model` to chat with the local model offline"},
+        )
+    try:
+        yield
+    finally:
+        await app.state.ledger.aclose()
+        if app.state.upstream is not None:
+            await app.state.upstream.aclose()
+        if app.state.proxy is not None:
+            await app.state.proxy.aclose()
+        if app.state.local_model is not None:
+            await app.state.local_model.stop()
+        await engine.dispose()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The ASGI app; all resources are opened in its lifespan, none at import."""
     settings = settings or get_settings()
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = create_engine(settings)
-        app.state.settings = settings
-        app.state.engine = engine
-        app.state.session_factory = create_session_factory(engine)
-        app.state.schema_head = head_revision()
-        app.state.upstream = app.state.proxy = app.state.local_model = None
-        app.state.ledger = LedgerWriter(app.state.session_factory)
-        app.state.ledger.start()
-        tokenizer = Tokenizer()
-        await anyio.to_thread.run_sync(tokenizer.preload)
-        catalog = ModelCatalog.load(overrides=settings.model_catalog_file)
-        app.state.accounting = Accounting(catalog, tokenizer, metrics)
-        # Late, so that less can fail with the local model's process already started.
-        provider = await _open_provider(settings)
-        if provider is not None:
-            base_url, api_key, app.state.local_model = provider
-            app.state.upstream = Upstream(settings, base_url=base_url, api_key=api_key)
-            app.state.proxy = Proxy(settings, base_url, api_key)
-        if app.state.local_model is not None:
-            # Its model is the default model, for the runtime and every reader of SettingsDep.
-            app.state.settings = settings.model_copy(update={"default_model": app.state.local_model.name})
-        app.state.runtime = ChatRuntime(
-            upstream=app.state.upstream,
-            accounting=app.state.accounting,
-            context=ContextBuilder(tokenizer, catalog, settings),
-            factory=app.state.session_factory,
-            default_model=app.state.settings.default_model,
-        )
-        if settings.admin_api_key is not None:
-            async with app.state.session_factory() as session:
-                await ensure_admin_user(session)
-        log.info(
-            "started",
-            extra={
-                "upstream": app.state.upstream.base_url if app.state.upstream else None,
-                "default_model": app.state.settings.default_model,
-                "database": engine.dialect.name,
-            },
-        )
-        if app.state.upstream is None:
-            log.warning(
-                "no_upstream",
-                extra={"hint": "set OPENAI_API_KEY, or run `make local-model` to chat with the local model offline"},
-            )
-        try:
-            yield
-        finally:
-            await app.state.ledger.aclose()
-            if app.state.upstream is not None:
-                await app.state.upstream.aclose()
-            if app.state.proxy is not None:
-                await app.state.proxy.aclose()
-            if app.state.local_model is not None:
-                await app.state.local_model.stop()
-            await engine.dispose()
 
     app = FastAPI(
         title="openai_service",

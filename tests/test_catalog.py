@@ -220,3 +220,13 @@ def test_shipped_file_shape_is_required_for_a_replacement_catalog(tmp_path: Path
     path = _write(tmp_path / "mine.json", {"version": "1", "source": "me", "models": {}})
     with pytest.raises(CatalogError, match=r"mine\.json: as_of: Field required"):
         ModelCatalog.load(path)
+
+
+def test_with_limits_overrides_one_models_window_and_keeps_its_prices() -> None:
+    catalog = ModelCatalog.load()
+    local = catalog.with_limits("smollm2-135m-instruct", context_window=2048, max_output_tokens=256)
+    info = local.get("smollm2-135m-instruct")
+    assert (info.context_window, info.max_output_tokens) == (2048, 256)
+    assert info.pricing == catalog.get("smollm2-135m-instruct").pricing
+    assert catalog.get("smollm2-135m-instruct").context_window == 8192
+    assert local.get("gpt-4o").context_window == catalog.get("gpt-4o").context_window

@@ -24,6 +24,7 @@ Updating `models.json` (hand-maintained; there is no generator):
    `encoding` against the tokenizer's own model mapping.
 """
 
+import copy as copy_module
 import hashlib
 import json
 from collections.abc import Mapping
@@ -219,6 +220,19 @@ class ModelCatalog:
             default_context_window=default_context_window,
             default_max_output_tokens=default_max_output_tokens,
         )
+
+    def with_limits(self, model: str, *, context_window: int, max_output_tokens: int) -> "ModelCatalog":
+        """A copy in which `model` (which must be known) has these limits: a server's own settings
+        (like the local model's context size) win over the shipped numbers."""
+        name = self.resolve(model)
+        if name is None:
+            raise CatalogError(f"model catalog: no model named {model!r} to set limits for")
+        copy = copy_module.copy(self)
+        copy._models = dict(self._models)
+        copy._models[name] = self._models[name].model_copy(
+            update={"context_window": context_window, "max_output_tokens": min(max_output_tokens, context_window)}
+        )
+        return copy
 
     @property
     def version(self) -> str:

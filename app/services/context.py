@@ -41,7 +41,7 @@ Kind = Literal["system", "user_context", "instructions", "summary", "message"]
 PAGE = 256  # messages read per query while filling the window, newest first
 SUMMARY_MAX_TOKENS = 1024
 SUMMARY_OVERHEAD = 12  # the summary message's role and its heading
-UNKNOWN_TOKENIZER_MARGIN = 0.10  # extra headroom when counts are estimates
+UNKNOWN_TOKENIZER_MARGIN = 0.25  # extra headroom when counts are estimates (other tokenizers can need 20% more)
 
 
 @dataclass(frozen=True, slots=True)

@@ -197,7 +197,7 @@ class LocalModel:
             try:
                 self._process, _ = await _launch(self._spec, port=self._port)
                 await self._wait_ready()
-            except (LocalModelError, OSError) as exc:
+            except LocalModelError as exc:
                 # Loop on: a child that failed to start is restarted, a late one is watched.
                 log.error("local_model_restart_failed", extra={"error": str(exc)})
             else:
@@ -208,20 +208,28 @@ class LocalModel:
         self._stopping = True
         if self._supervisor is not None:
             self._supervisor.cancel()
+            # Let it finish: a restart it was making ends its own child.
+            await asyncio.gather(self._supervisor, return_exceptions=True)
         await _terminate(self._process)
         log.info("local_model_stopped", extra={"pid": self._process.pid, "returncode": self._process.returncode})
 
 
 async def _launch(spec: LaunchSpec, port: int) -> tuple[asyncio.subprocess.Process, int]:
     """Spawn the server, hand it the key on stdin, and read back the port it bound."""
-    process = await asyncio.create_subprocess_exec(
-        *spec.argv,
-        "--port",
-        str(port),
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        cwd=_PROJECT_ROOT,
-    )
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *spec.argv,
+            "--port",
+            str(port),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            cwd=_PROJECT_ROOT,
+            # Its own session: a Ctrl-C in the terminal is the service's to handle, which then
+            # stops the child itself (rather than the child dying first and being restarted).
+            start_new_session=True,
+        )
+    except OSError as exc:
+        raise LocalModelError(f"could not start the local model server: {exc}") from exc
     assert process.stdin is not None
     assert process.stdout is not None
     try:

@@ -305,7 +305,7 @@ class ModelWorker:
                         finish_reason = choice["finish_reason"]
                     if job.cancelled.is_set():
                         break
-                    if time.monotonic() >= job.deadline:
+                    if time.monotonic() >= job.deadline and not choice.get("finish_reason"):
                         finish_reason = "length"
                         log.warning("local_model_timeout", extra={"after_s": self.options.timeout})
                         break
