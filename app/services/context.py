@@ -25,9 +25,9 @@ and never re-tokenises the history.
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.core.config import Settings
@@ -38,7 +38,7 @@ from app.services.tokens import REPLY_PRIMING_TOKENS, Tokenizer
 
 Strategy = Literal["window", "summary", "none"]
 Kind = Literal["system", "user_context", "instructions", "summary", "message"]
-PAGE = 256  # messages read per query while filling the window, newest first
+PAGE = 1024  # message sizes read per query while filling the window, newest first
 SUMMARY_MAX_TOKENS = 1024
 SUMMARY_OVERHEAD = 12  # the summary message's role and its heading
 UNKNOWN_TOKENIZER_MARGIN = 0.25  # extra headroom when counts are estimates (other tokenizers can need 20% more)
@@ -87,7 +87,15 @@ class Plan:
         return [p.message for p in self.parts]
 
 
-def upstream_message(message: Message) -> dict[str, Any]:
+class _MessageFields(Protocol):
+    role: str
+    content: str
+    name: str | None
+    tool_calls: list[Any] | None
+    tool_call_id: str | None
+
+
+def upstream_message(message: _MessageFields) -> dict[str, Any]:
     """A stored message as OpenAI's `messages` entry."""
     out: dict[str, Any] = {"role": message.role, "content": message.content}
     if message.name:
@@ -189,7 +197,12 @@ class ContextBuilder:
             )
         plan.dropped_before_seq = boundary
         plan.summary = summary
-        plan.to_summarise = [m for unit in overflow for m in unit.messages] if strategy == "summary" else []
+        if strategy == "summary" and overflow:
+            seqs = [m.seq for unit in overflow for m in unit.messages]
+            rows = await session.scalars(
+                select(Message).where(Message.chat_id == chat.id, Message.seq.in_(seqs)).order_by(Message.seq)
+            )
+            plan.to_summarise = list(rows)
         body = sorted([*pinned, *window], key=lambda p: p.seq or 0)
         summary_parts = [] if summary is None else [self._summary_part(summary)]
         plan.parts = [*fixed, *summary_parts, *body]
@@ -257,45 +270,45 @@ class ContextBuilder:
         strategy: Strategy,
     ) -> tuple[list[Part], int | None, list["_Unit"]]:
         """The newest unpinned messages that fit in `room`, the position below which none were kept,
-        and (for `summary` and `none`) the units that did not fit, oldest first."""
-        kept: list[Part] = []
+        and (for `summary` and `none`) the units that did not fit, oldest first.
+
+        Two reads: the sizes of the newest messages (small rows, stored token counts) until the
+        room is full, then the contents of just the messages kept.
+        """
+        encoding = self.encoding(model)
+        kept: list[_Sized] = []
         overflow: list[_Unit] = []
         unit = _Unit()
         boundary: int | None = None
         newest = True
         upper = before_seq
         while True:
-            rows = list(
-                await session.scalars(
-                    select(Message)
-                    .where(
-                        Message.chat_id == chat.id,
-                        Message.active.is_(True),
-                        Message.seq > floor,
-                        Message.seq < upper,
-                        Message.status != "error",
-                    )
+            rows = (
+                await session.execute(
+                    select(Message.seq, Message.role, Message.token_count, Message.token_encoding)
+                    .where(*_window_filter(chat.id, floor, upper))
                     .order_by(Message.seq.desc())
                     .limit(PAGE)
                 )
-            )
-            for message in rows:
-                upper = message.seq
-                if message.pinned or (not message.content and not message.tool_calls):
-                    continue
-                unit.add(message, self._tokens(message, model))
-                if message.role == "tool":
+            ).all()
+            recount = {r.seq for r in rows if r.token_count is None or r.token_encoding != encoding}
+            counted = await self._recount(session, chat, model, recount) if recount else {}
+            for row in rows:
+                upper = row.seq
+                tokens = counted.get(row.seq, row.token_count or 0)
+                unit.add(_Sized(row.seq, row.role, tokens))
+                if row.role == "tool":
                     continue  # a tool result stays with the call that asked for it
                 if boundary is None and unit.tokens <= room:
                     room -= unit.tokens
-                    kept.extend(self._part(m, model) for m in unit.messages)
+                    kept.extend(unit.messages)
                 else:
                     if newest:
                         raise _too_large(unit, room, model)
                     if boundary is None:
                         boundary = unit.messages[0].seq + 1
                         if strategy == "window":
-                            return kept, boundary, []
+                            return await self._contents(session, chat, model, kept, before_seq), boundary, []
                     overflow.append(unit)
                 newest = False
                 unit = _Unit()
@@ -306,7 +319,38 @@ class ContextBuilder:
         overflow.reverse()
         for u in overflow:
             u.messages.reverse()
-        return kept, boundary, overflow
+        return await self._contents(session, chat, model, kept, before_seq), boundary, overflow
+
+    async def _recount(self, session: AsyncSession, chat: Chat, model: str, seqs: set[int]) -> dict[int, int]:
+        """Token counts for messages stored without one for this model's encoding."""
+        rows = await session.scalars(select(Message).where(Message.chat_id == chat.id, Message.seq.in_(seqs)))
+        return {m.seq: self.count(upstream_message(m), model) for m in rows}
+
+    async def _contents(
+        self, session: AsyncSession, chat: Chat, model: str, kept: list["_Sized"], before_seq: int
+    ) -> list[Part]:
+        """The kept messages, read in one range query (only the positions counted are used)."""
+        if not kept:
+            return []
+        tokens = {k.seq: k.tokens for k in kept}
+        rows = await session.execute(
+            select(
+                Message.id,
+                Message.seq,
+                Message.role,
+                Message.content,
+                Message.name,
+                Message.tool_calls,
+                Message.tool_call_id,
+            )
+            .where(Message.chat_id == chat.id, Message.seq >= min(tokens), Message.seq < before_seq)
+            .order_by(Message.seq)
+        )
+        return [
+            Part("message", upstream_message(row), tokens[row.seq], row.id, row.seq, False)
+            for row in rows
+            if row.seq in tokens
+        ]
 
     async def dropped_count(self, session: AsyncSession, chat: Chat, plan: Plan) -> int:
         """How many messages fall below the plan's window (for the dry run; the send path skips this)."""
@@ -326,16 +370,38 @@ class ContextBuilder:
         return int(count or 0)
 
 
+@dataclass(frozen=True, slots=True)
+class _Sized:
+    """A message's position, role and tokens: all the window needs to decide."""
+
+    seq: int
+    role: str
+    tokens: int
+
+
+def _window_filter(chat_id: str, floor: int, upper: int) -> list[ColumnElement[bool]]:
+    """Messages the window may take: on the branch, not failed, not pinned (those come anyway), not empty."""
+    return [
+        Message.chat_id == chat_id,
+        Message.active.is_(True),
+        Message.seq > floor,
+        Message.seq < upper,
+        Message.status != "error",
+        Message.pinned.is_(False),
+        or_(Message.content != "", Message.tool_calls.is_not(None)),
+    ]
+
+
 class _Unit:
     """Messages kept or dropped together (an assistant's tool calls and their results), newest first."""
 
     def __init__(self) -> None:
-        self.messages: list[Message] = []
+        self.messages: list[_Sized] = []
         self.tokens = 0
 
-    def add(self, message: Message, tokens: int) -> None:
+    def add(self, message: _Sized) -> None:
         self.messages.append(message)
-        self.tokens += tokens
+        self.tokens += message.tokens
 
 
 def _too_large(unit: _Unit, room: int, model: str) -> InvalidRequestError:
