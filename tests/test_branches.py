@@ -16,9 +16,14 @@ def send(caller: Caller, chat_id: str, content: str) -> dict[str, Any]:
 
 def all_messages(caller: Caller, chat_id: str) -> dict[str, dict[str, Any]]:
     data = caller.http.get(f"/api/v1/history/{chat_id}", params={"limit": 100, "branch": "all"})
-    if data.status_code != 200:  # before `branch=all` exists, the plain read lists everything
-        data = caller.http.get(f"/api/v1/history/{chat_id}", params={"limit": 100})
+    assert data.status_code == 200, data.text
     return {m["id"]: m for m in data.json()["data"]}
+
+
+def history(caller: Caller, chat_id: str, **params: str) -> list[str]:
+    data = caller.http.get(f"/api/v1/history/{chat_id}", params={"limit": 100, **params})
+    assert data.status_code == 200, data.text
+    return [m["content"] for m in data.json()["data"]]
 
 
 def test_regenerate_makes_a_sibling_reply_and_takes_the_old_one_off_the_branch(
@@ -119,3 +124,23 @@ def test_another_users_message_cannot_be_regenerated_or_edited(alice: Caller, bo
     patched = bob.http.patch(f"/api/v1/chats/{chat['id']}/messages/{user}", json={"content": "hijack"})
     assert patched.status_code == 404
     assert alice.http.get(f"/api/v1/chats/{chat['id']}").json()["message_count"] == 2
+
+
+def test_history_reads_the_current_branch_or_any_other(alice: Caller, upstream: FakeUpstream) -> None:
+    chat = alice.chat()
+    first = send(alice, chat["id"], "one")
+    send(alice, chat["id"], "two")
+    upstream.queue_reply("another take")
+    alice.http.post(f"/api/v1/chats/{chat['id']}/messages/{first['assistant_message']['id']}/regenerate", json={})
+    assert history(alice, chat["id"]) == ["one", "another take"]
+    old_leaf = first["assistant_message"]["id"]
+    assert history(alice, chat["id"], branch=old_leaf) == ["one", "Echo: one"]
+    assert history(alice, chat["id"], branch="all") == ["one", "Echo: one", "two", "Echo: two", "another take"]
+    unknown = alice.http.get(f"/api/v1/history/{chat['id']}", params={"branch": "msg_nope"})
+    assert (unknown.status_code, unknown.json()["error"]["param"]) == (400, "branch")
+
+
+def test_another_users_branch_read_is_404(alice: Caller, bob: Caller) -> None:
+    chat = alice.chat()
+    leaf = send(alice, chat["id"], "mine")["assistant_message"]["id"]
+    assert bob.http.get(f"/api/v1/history/{chat['id']}", params={"branch": leaf}).status_code == 404

@@ -245,6 +245,15 @@ def test_save_appends_after_sent_messages(alice: Caller, upstream: FakeUpstream)
     assert alice.http.get(f"/api/v1/chats/{chat_id}").json()["message_count"] == 4
 
 
+def test_save_continues_the_current_branch(alice: Caller, upstream: FakeUpstream) -> None:
+    chat_id = alice.chat()["id"]
+    old = alice.http.post(f"/api/v1/chats/{chat_id}/messages", json={"content": "q"}).json()["assistant_message"]
+    upstream.queue_reply("better")
+    new = alice.http.post(f"/api/v1/chats/{chat_id}/messages/{old['id']}/regenerate", json={}).json()
+    stored = saved(alice, chat_id, user("thanks"))
+    assert stored[0]["parent_id"] == new["assistant_message"]["id"]
+
+
 def test_save_allocates_positions_after_next_seq(alice: Caller, database_url: str) -> None:
     chat_id, _ = numbered(alice, 3)
     saved(alice, chat_id, user("m4"))

@@ -309,6 +309,21 @@ def test_export_of_a_sent_chat_leaves_out_failed_replies(alice: Caller, upstream
     ]
 
 
+def test_export_holds_the_current_branch_only(alice: Caller, upstream: FakeUpstream) -> None:
+    chat_id = alice.chat()["id"]
+    old = alice.http.post(f"/api/v1/chats/{chat_id}/messages", json={"content": "q"}).json()["assistant_message"]
+    upstream.queue_reply("better")
+    regenerated = alice.http.post(f"/api/v1/chats/{chat_id}/messages/{old['id']}/regenerate", json={})
+    assert regenerated.status_code == 200, regenerated.text
+    assert export(alice, chat_id)["messages"] == [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "better"},
+    ]
+    markdown = alice.http.get(f"/api/v1/history/{chat_id}/export", params={"format": "markdown"}).text
+    assert "Echo: q" not in markdown
+    assert "better" in markdown
+
+
 def test_export_after_clear_has_no_messages(alice: Caller) -> None:
     chat = imported(alice, body())
     alice.http.delete(f"/api/v1/history/{chat['id']}")

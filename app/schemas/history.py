@@ -109,6 +109,10 @@ class HistoryParams(ListParams):
     """Messages are read oldest first unless asked otherwise."""
 
     order: Literal["asc", "desc"] = Field(default="asc")
+    branch: Annotated[SafeText, Field(max_length=64)] | None = Field(
+        default=None,
+        description="Omitted: the chat's current branch; `all`: every message; a message id: the branch ending there",
+    )
 
 
 class ExportParams(BaseModel):

@@ -45,12 +45,10 @@ async def get_owned_chat(session: AsyncSession, principal: Principal, chat_id: s
     return chat
 
 
-async def create_chat(session: AsyncSession, principal: Principal, data: ChatCreate) -> Chat:
-    """Create a chat for the caller."""
-    if data.model is not None:
-        principal.check_model(data.model)
+def build_chat(principal: Principal, data: ChatCreate, message_count: int = 0) -> Chat:
+    """A new chat of the caller's, not yet added to a session."""
     now = utcnow()
-    chat = Chat(
+    return Chat(
         id=new_id("chat"),
         user_id=principal.user_id,
         title=data.title,
@@ -63,11 +61,18 @@ async def create_chat(session: AsyncSession, principal: Principal, data: ChatCre
         tags=data.tags,
         pinned=data.pinned,
         archived=False,
-        next_seq=1,
-        message_count=0,
+        next_seq=message_count + 1,
+        message_count=message_count,
         created_at=now,
         updated_at=now,
     )
+
+
+async def create_chat(session: AsyncSession, principal: Principal, data: ChatCreate) -> Chat:
+    """Create a chat for the caller."""
+    if data.model is not None:
+        principal.check_model(data.model)
+    chat = build_chat(principal, data)
     session.add(chat)
     await session.commit()
     return chat

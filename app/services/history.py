@@ -2,9 +2,13 @@
 
 Positions (`seq`) are handed out as the send flow hands them out: one
 `UPDATE chats SET next_seq = next_seq + n ... RETURNING` under the chat's row
-lock, in the transaction that stores the messages. Reads page by `seq`, so a
-page never repeats or skips a message because others were written meanwhile.
-(A branch read will walk `parent_id` from its leaf over the same keys.)
+lock, in the transaction that stores the messages. Reads page by `seq` after
+the cursor message's own `seq`, so a page never repeats a message or shifts
+because others were written meanwhile. (One caveat, from the send flow: a reply
+still being generated has its position reserved right after its question, so it
+can appear behind a cursor that has already moved past later messages.)
+Reads list every message of the chat; a branch read adds a filter on `active`
+(the current branch) or on the path from a leaf up `parent_id`, over the same keys.
 
 Search's derived data follows the messages by itself (a generated column on
 PostgreSQL, triggers on SQLite), so a clear, a delete or a purge removes a
@@ -23,14 +27,14 @@ from sqlalchemy import CursorResult, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.core.errors import ConflictError
+from app.core.errors import ConflictError, InvalidRequestError
 from app.core.security import Principal
 from app.db.database import SessionFactory
 from app.db.models import Chat, ChatSummary, HistoryImportRecord, Message, new_id, utcnow
 from app.schemas.chat import ChatCreate, MessageRead
 from app.schemas.common import Page
 from app.schemas.history import HistoryImport, HistoryMessage, HistoryParams, HistorySave
-from app.services.chats import get_owned_chat
+from app.services.chats import build_chat, get_owned_chat
 from app.services.messages import message_read
 from app.services.pagination import cursor_values, paginate
 from app.services.transcript import ToolCallState, check_order, render_markdown
@@ -41,22 +45,43 @@ _CHAT_ATTRIBUTES = {"metadata": "metadata_"}
 
 def history_message_read(message: Message) -> MessageRead:
     """A stored message with OpenAI's optional fields (name, tool calls)."""
-    return message_read(message).model_copy(
-        update={"name": message.name, "tool_calls": message.tool_calls, "tool_call_id": message.tool_call_id}
-    )
+    return message_read(message)
 
 
 async def read_messages(
     session: AsyncSession, principal: Principal, chat_id: str, page: HistoryParams
 ) -> Page[MessageRead]:
     """A page of the caller's chat, in the order the messages were sent."""
-    chat = await get_owned_chat(session, principal, chat_id)
-    keys = (Message.seq,)
-    cursor = await cursor_values(
-        session, select(Message.seq).where(Message.id == page.after, Message.chat_id == chat.id), page.after
-    )
-    stmt = select(Message).where(Message.chat_id == chat.id)
-    return await paginate(session, stmt, keys, page, cursor, history_message_read, lambda m: m.id)
+    # One query in the common case: ownership and the cursor's position are subqueries.
+    owned = select(Chat.id).where(Chat.id == chat_id, Chat.user_id == principal.user_id).exists()
+    stmt = select(Message).where(Message.chat_id == chat_id, owned)
+    if page.branch is None:
+        stmt = stmt.where(Message.active.is_(True))
+    elif page.branch != "all":
+        stmt = stmt.where(Message.id.in_(await _branch_ids(session, principal, chat_id, page.branch)))
+    cursor = select(Message.seq).where(Message.id == page.after, Message.chat_id == chat_id)
+    if page.after is not None:
+        position = cursor.scalar_subquery()
+        stmt = stmt.where(Message.seq < position if page.order == "desc" else Message.seq > position)
+    result = await paginate(session, stmt, (Message.seq,), page, None, history_message_read, lambda m: m.id)
+    if not result.data:
+        # An empty page: say so, unless the chat is not the caller's (404) or the cursor not in it (400).
+        await get_owned_chat(session, principal, chat_id)
+        await cursor_values(session, cursor, page.after)
+    return result
+
+
+async def _branch_ids(session: AsyncSession, principal: Principal, chat_id: str, leaf: str) -> list[str]:
+    """The ids of the branch that ends at `leaf`: it and its ancestors, by `parent_id`."""
+    await get_owned_chat(session, principal, chat_id)
+    start = select(Message.id, Message.parent_id).where(Message.id == leaf, Message.chat_id == chat_id)
+    branch = start.cte("branch", recursive=True)
+    parents = select(Message.id, Message.parent_id).where(Message.chat_id == chat_id, Message.id == branch.c.parent_id)
+    branch = branch.union_all(parents)
+    ids = list((await session.scalars(select(branch.c.id))).all())
+    if not ids:
+        raise InvalidRequestError(f"No message '{leaf}' in this chat to read a branch from.", param="branch")
+    return ids
 
 
 def _message_row(
@@ -93,11 +118,11 @@ def _message_rows(
 
 
 async def _tool_call_state(session: AsyncSession, chat_id: str, before_seq: int) -> tuple[ToolCallState, str | None]:
-    """What the chat's last messages leave open (tool calls awaiting answers), and the last message's id."""
+    """What the current branch's last messages leave open (tool calls awaiting answers), and the last one's id."""
     tail = (
         await session.execute(
             select(Message.id, Message.role, Message.tool_calls, Message.tool_call_id)
-            .where(Message.chat_id == chat_id, Message.seq < before_seq)
+            .where(Message.chat_id == chat_id, Message.active.is_(True), Message.seq < before_seq)
             .order_by(Message.seq.desc())
             .limit(ToolCallState.LOOKBACK)
         )
@@ -109,7 +134,7 @@ async def _tool_call_state(session: AsyncSession, chat_id: str, before_seq: int)
 async def save_messages(
     session: AsyncSession, principal: Principal, chat_id: str, data: HistorySave
 ) -> Page[MessageRead]:
-    """Append messages made elsewhere to the caller's chat, without calling the model."""
+    """Append messages made elsewhere to the caller's chat (its current branch), without calling the model."""
     chat = await get_owned_chat(session, principal, chat_id)
     count = len(data.messages)
     # Takes the chat's row lock (SQLite: the write lock) until commit, as a send does.
@@ -153,28 +178,6 @@ async def _replay(session: AsyncSession, principal: Principal, key: str, request
     return await get_owned_chat(session, principal, record.chat_id)
 
 
-def _new_chat(principal: Principal, data: ChatCreate, message_count: int) -> Chat:
-    now = utcnow()
-    return Chat(
-        id=new_id("chat"),
-        user_id=principal.user_id,
-        title=data.title,
-        model=data.model,
-        system_prompt=data.system_prompt,
-        instructions=data.instructions,
-        params=data.params.model_dump(exclude_none=True),
-        context=data.context.model_dump(exclude_none=True),
-        metadata_=data.metadata,
-        tags=data.tags,
-        pinned=data.pinned,
-        archived=False,
-        next_seq=message_count + 1,
-        message_count=message_count,
-        created_at=now,
-        updated_at=now,
-    )
-
-
 @dataclass(frozen=True, slots=True)
 class Imported:
     chat: Chat
@@ -194,7 +197,7 @@ async def import_chat(
         if earlier is not None:
             return Imported(earlier, replayed=True)
 
-    chat = _new_chat(principal, data, len(data.messages))
+    chat = build_chat(principal, data, len(data.messages))
     session.add(chat)
     await session.flush()
     if idempotency_key is not None:
@@ -233,12 +236,12 @@ def _exported_message(
 
 
 async def export_body(session: AsyncSession, principal: Principal, chat_id: str) -> tuple[Chat, dict[str, Any]]:
-    """The caller's chat as a body for `POST /history/import` (failed replies, which have no text, left out)."""
+    """The caller's chat as a body for `POST /history/import`: its current branch, failed replies (no text) left out."""
     chat = await get_owned_chat(session, principal, chat_id)
     body: dict[str, Any] = {name: getattr(chat, _CHAT_ATTRIBUTES.get(name, name)) for name in ChatCreate.model_fields}
     rows = await session.execute(
         select(Message.role, Message.content, Message.name, Message.tool_calls, Message.tool_call_id)
-        .where(Message.chat_id == chat.id)
+        .where(Message.chat_id == chat.id, Message.active.is_(True))
         .where((Message.status != "error") | (Message.content != ""))
         .order_by(Message.seq)
     )
