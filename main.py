@@ -31,6 +31,7 @@ from app.core.errors import install_error_handlers
 from app.core.logging import configure_logging, get_logger
 from app.core.metrics import Metrics
 from app.core.middleware import RequestContextMiddleware
+from app.core.security import KeyCache
 from app.db.database import create_engine, create_session_factory
 from app.db.migrations import head_revision, upgrade_to_head
 from app.db.models import utcnow
@@ -133,6 +134,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     metrics = app.state.metrics = Metrics(settings.prometheus_multiproc_dir)
+    app.state.key_cache = KeyCache(settings.key_cache_seconds)
     install_error_handlers(app)
     app.add_middleware(
         RequestContextMiddleware,

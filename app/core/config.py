@@ -42,6 +42,7 @@ class Settings(BaseSettings):
         default=None, description="Set (by `main.py --workers N`) when several processes share /metrics"
     )
     workers: int = Field(default=1, ge=1, le=64)
+    key_cache_seconds: float = Field(default=10.0, ge=0, le=3600, description="How long a checked key is trusted")
     redis_url: str | None = None
     history_retention_days: int | None = Field(
         default=None, ge=1, le=36_500, description="`main.py purge` deletes messages older than this many days"
@@ -101,7 +102,7 @@ def get_settings() -> Settings:
     return load_settings()
 
 
-def app_settings(request: Request) -> Settings:
+async def app_settings(request: Request) -> Settings:
     """The settings the running app was created with."""
     settings: Settings = request.app.state.settings
     return settings

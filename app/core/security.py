@@ -8,7 +8,9 @@ keeps authentication to one indexed lookup.
 import hashlib
 import hmac
 import secrets
+import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -16,7 +18,7 @@ from sqlalchemy import select
 
 from app.core.config import SettingsDep
 from app.core.errors import AuthenticationError, NotFoundError, PermissionDeniedError
-from app.db.database import SessionDep
+from app.db.database import session_factory
 from app.db.models import ApiKey, User, utcnow
 
 KEY_PREFIX = "sk-os-"
@@ -76,18 +78,69 @@ def bearer_token(header: str | None) -> str:
     return token
 
 
-async def current_principal(request: Request, session: SessionDep, settings: SettingsDep) -> Principal:
+class KeyCache:
+    """Recently authenticated keys, so that a busy key is not looked up on every request.
+
+    An entry lives `ttl` seconds (KEY_CACHE_SECONDS; 0 turns the cache off) and never past
+    the key's own expiry. Revoking a key drops it here at once; other instances of the
+    service stop accepting it within `ttl`.
+    """
+
+    def __init__(self, ttl: float, size: int = 10_000) -> None:
+        self._ttl = ttl
+        self._size = size
+        self._entries: dict[str, tuple[float, Principal, datetime | None]] = {}
+
+    def get(self, digest: str) -> Principal | None:
+        entry = self._entries.get(digest)
+        if entry is None:
+            return None
+        stored, principal, expires_at = entry
+        if time.monotonic() - stored > self._ttl or (expires_at is not None and expires_at <= utcnow()):
+            self._entries.pop(digest, None)
+            return None
+        return principal
+
+    def put(self, digest: str, principal: Principal, expires_at: datetime | None) -> None:
+        if self._ttl <= 0:
+            return
+        if len(self._entries) >= self._size:
+            self._entries.clear()  # rare, and a miss only costs a lookup
+        self._entries[digest] = (time.monotonic(), principal, expires_at)
+
+    def drop_key(self, key_id: str) -> None:
+        """Forget a key at once (it was revoked)."""
+        for digest, (_, principal, _) in list(self._entries.items()):
+            if principal.key_id == key_id:
+                del self._entries[digest]
+
+
+async def key_cache(request: Request) -> KeyCache:
+    cache: KeyCache = request.app.state.key_cache
+    return cache
+
+
+KeyCacheDep = Annotated[KeyCache, Depends(key_cache)]
+
+
+async def current_principal(request: Request, settings: SettingsDep, cache: KeyCacheDep) -> Principal:
     """Authenticate the bearer key: unknown, revoked and expired keys are all a 401."""
     token = bearer_token(request.headers.get("authorization"))
     admin_key = settings.admin_api_key
     if admin_key is not None and hmac.compare_digest(token.encode(), admin_key.get_secret_value().encode()):
         return Principal(ADMIN_USER_ID, "admin", ENV_ADMIN_KEY_ID, "ADMIN_API_KEY", None)
 
-    row = (
-        await session.execute(
-            select(ApiKey, User.role).join(User, User.id == ApiKey.user_id).where(ApiKey.key_hash == hash_key(token))
-        )
-    ).first()
+    digest = hash_key(token)
+    if (cached := cache.get(digest)) is not None:
+        return cached
+    # A session of its own, closed at once: held, it would keep a pooled connection (and,
+    # on SQLite, the write lock) through whatever the request waits on next, e.g. the model.
+    async with session_factory(request)() as session:
+        row = (
+            await session.execute(
+                select(ApiKey, User.role).join(User, User.id == ApiKey.user_id).where(ApiKey.key_hash == digest)
+            )
+        ).first()
     if row is None:
         raise AuthenticationError("Incorrect API key provided.")
     key, role = row
@@ -96,10 +149,9 @@ async def current_principal(request: Request, session: SessionDep, settings: Set
     if key.expires_at is not None and key.expires_at <= utcnow():
         raise AuthenticationError("This API key has expired.", code="api_key_expired")
     allowed = tuple(key.allowed_models) if key.allowed_models is not None else None
-    # End the lookup's transaction now: held, it would keep a pooled connection (and, on
-    # SQLite, the write lock) through whatever the request waits on next, e.g. the model.
-    await session.commit()
-    return Principal(key.user_id, role, key.id, key.name, allowed)
+    principal = Principal(key.user_id, role, key.id, key.name, allowed)
+    cache.put(digest, principal, key.expires_at)
+    return principal
 
 
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]

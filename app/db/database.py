@@ -18,7 +18,9 @@ def create_engine(settings: Settings) -> AsyncEngine:
     """An engine for `DATABASE_URL`, with SQLite made safe for concurrent writers."""
     url = make_url(settings.database_url)
     if url.get_backend_name() != "sqlite":
-        return create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+        # No pre-ping (a round trip per checkout): a connection the server dropped fails one
+        # request, and the pool then replaces its connections; recycling keeps them fresh.
+        return create_async_engine(url, pool_size=20, max_overflow=20, pool_recycle=1800)
 
     if url.database and url.database != ":memory:":
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
@@ -63,6 +65,11 @@ def session_factory(request: Request) -> SessionFactory:
     return factory
 
 
+async def session_factory_dep(request: Request) -> SessionFactory:
+    # Dependencies are async: FastAPI runs a plain `def` one in a worker thread, a hop per request.
+    return session_factory(request)
+
+
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
     """One session per request, closed (rolled back if uncommitted) when the endpoint returns."""
     async with session_factory(request)() as session:
@@ -70,4 +77,4 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
 
 
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
-SessionFactoryDep = Annotated[SessionFactory, Depends(session_factory)]
+SessionFactoryDep = Annotated[SessionFactory, Depends(session_factory_dep)]

@@ -268,7 +268,7 @@ def _elapsed_ms(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 3)
 
 
-def app_upstream(request: Request) -> Upstream | None:
+async def app_upstream(request: Request) -> Upstream | None:
     """The app's upstream; None when no provider is configured."""
     upstream: Upstream | None = request.app.state.upstream
     return upstream

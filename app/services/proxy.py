@@ -133,7 +133,7 @@ def _elapsed_ms(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 3)
 
 
-def app_proxy(request: Request) -> Proxy | None:
+async def app_proxy(request: Request) -> Proxy | None:
     proxy: Proxy | None = request.app.state.proxy
     return proxy
 

@@ -26,7 +26,7 @@ class ChatRuntime:
         return self.context.settings.context_strategy
 
 
-def app_runtime(request: Request) -> ChatRuntime:
+async def app_runtime(request: Request) -> ChatRuntime:
     runtime: ChatRuntime = request.app.state.runtime
     return runtime
 

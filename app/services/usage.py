@@ -185,7 +185,7 @@ class LedgerWriter:
 _LEDGER_COLUMNS = [c for c in UsageRecord.__table__.columns if c.key != "id"]
 
 
-def app_ledger(request: Request) -> LedgerWriter:
+async def app_ledger(request: Request) -> LedgerWriter:
     writer: LedgerWriter = request.app.state.ledger
     return writer
 
@@ -193,7 +193,7 @@ def app_ledger(request: Request) -> LedgerWriter:
 LedgerDep = Annotated[LedgerWriter, Depends(app_ledger)]
 
 
-def app_accounting(request: Request) -> Accounting:
+async def app_accounting(request: Request) -> Accounting:
     accounting: Accounting = request.app.state.accounting
     return accounting
 

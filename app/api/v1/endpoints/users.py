@@ -2,7 +2,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, status
 
-from app.core.security import AdminPrincipal, CurrentPrincipal
+from app.core.security import AdminPrincipal, CurrentPrincipal, KeyCacheDep
 from app.db.database import SessionDep
 from app.schemas.common import Deleted, ListParams, Page
 from app.schemas.context import SavedContextRead, SavedContextWrite
@@ -59,7 +59,8 @@ async def list_keys(
 
 
 @router.delete("/keys/{key_id}")
-async def revoke_key(key_id: str, _: AdminPrincipal, session: SessionDep) -> Deleted:
+async def revoke_key(key_id: str, _: AdminPrincipal, session: SessionDep, cache: KeyCacheDep) -> Deleted:
     """Revoke an API key at once (admin)."""
     await users.revoke_key(session, key_id)
+    cache.drop_key(key_id)
     return Deleted(id=key_id, object="api_key.deleted")
