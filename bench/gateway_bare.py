@@ -73,7 +73,9 @@ class _UpstreamConnection(asyncio.Protocol):
         elif self.transport is not None:
             self.transport.close()
 
-    def send(self, raw: bytes) -> tuple["asyncio.Future[tuple[int, list[tuple[bytes, bytes]]]]", "asyncio.Queue[bytes | None]"]:
+    def send(
+        self, raw: bytes
+    ) -> tuple["asyncio.Future[tuple[int, list[tuple[bytes, bytes]]]]", "asyncio.Queue[bytes | None]"]:
         assert self.transport is not None
         self.headers = []
         self.head = asyncio.get_running_loop().create_future()

@@ -21,6 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
+try:
+    import uvloop
+except ImportError:  # plain asyncio then
+    uvloop = None  # type: ignore[assignment]
+
 FIRST_CONTENT = re.compile(rb'"content"\s*:\s*"[^"]')
 
 
@@ -95,7 +100,8 @@ class _ClientProtocol(asyncio.Protocol):
             self.waiter.set_exception(ConnectionError("connection closed mid-response"))
 
     def request(self, raw: bytes, want_ttft: bool) -> "asyncio.Future[Reply]":
-        assert self.transport is not None and self.waiter is None
+        assert self.transport is not None
+        assert self.waiter is None
         self._reset()
         self.want_ttft = want_ttft
         self.waiter = asyncio.get_running_loop().create_future()
@@ -113,9 +119,7 @@ class _ClientProtocol(asyncio.Protocol):
 
     def _finish(self) -> None:
         waiter, self.waiter = self.waiter, None
-        reply = Reply(
-            self.status, time.perf_counter() - self.sent, self.ttft, b"".join(self.body_parts), self.headers
-        )
+        reply = Reply(self.status, time.perf_counter() - self.sent, self.ttft, b"".join(self.body_parts), self.headers)
         if waiter is not None and not waiter.done():
             waiter.set_result(reply)
 
@@ -285,9 +289,7 @@ async def run(
 
 def new_runner() -> asyncio.Runner:
     """An asyncio runner on uvloop when it is installed."""
-    try:
-        import uvloop
-    except ImportError:
+    if uvloop is None:
         return asyncio.Runner()
     return asyncio.Runner(loop_factory=uvloop.new_event_loop)
 

@@ -12,7 +12,6 @@ install it into a scratch virtualenv and pass its path.
 """
 
 import argparse
-import asyncio
 import collections
 import os
 import shutil
@@ -24,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import gateway as bench  # noqa: E402
-import gateway_load as load  # noqa: E402
+import gateway as bench
+import gateway_load as load
 
 # Areas of the request path, matched against "function (file)" frames; the first match wins per stack.
 AREAS = {
@@ -83,18 +82,20 @@ def summarize(raw: Path, top: int) -> str:
 
 
 async def drive(target: bench.Target, upstream: bench.Target, stream: bool, concurrency: int, seconds: float) -> int:
-    raw = load.build_request("127.0.0.1", target.port, "/v1/chat/completions", load.chat_body(bench.MODEL, stream),
-                             target.key)
+    raw = load.build_request(
+        "127.0.0.1", target.port, "/v1/chat/completions", load.chat_body(bench.MODEL, stream), target.key
+    )
     deadline = time.monotonic() + seconds
     sent = 0
     while time.monotonic() < deadline:
-        result = await load.run("127.0.0.1", target.port, raw, requests=concurrency * 20, concurrency=concurrency,
-                                stream=stream)
+        result = await load.run(
+            "127.0.0.1", target.port, raw, requests=concurrency * 20, concurrency=concurrency, stream=stream
+        )
         sent += result.requests
     return sent
 
 
-def main() -> int:
+def main() -> int:  # noqa: PLR0915 - one linear script
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("target", choices=["bare", "lean", "real", "litellm"])
     parser.add_argument("--py-spy", default=shutil.which("py-spy") or "/tmp/prof-venv/bin/py-spy")
@@ -123,7 +124,9 @@ def main() -> int:
                 target = bench.start_service(procs, "lean", upstream.port, url)
             elif args.target == "real":
                 runner.run(bench.pg_recreate(args.pg_url))
-                target = bench.start_service(procs, "real", upstream.port, args.pg_url.rstrip("/") + "/" + bench.PG_DATABASE)
+                target = bench.start_service(
+                    procs, "real", upstream.port, args.pg_url.rstrip("/") + "/" + bench.PG_DATABASE
+                )
             else:
                 version = bench.install_litellm(Path(args.litellm_venv), 900)
                 target = bench.start_litellm(procs, upstream.port, Path(args.litellm_venv), workdir, version)
@@ -132,9 +135,27 @@ def main() -> int:
             kind = "stream" if args.stream else "nonstream"
             svg, raw = out / f"{args.target}-{kind}.svg", out / f"{args.target}-{kind}.txt"
             spy = subprocess.Popen(
-                ["taskset", "-c", str(bench.HARNESS_CPU), args.py_spy, "record", "--pid", str(target.pid),
-                 "--rate", str(args.rate), "--gil", "--nonblocking", "--duration", str(int(args.seconds)), "--format", "raw", "-o", str(raw)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                [
+                    "taskset",
+                    "-c",
+                    str(bench.HARNESS_CPU),
+                    args.py_spy,
+                    "record",
+                    "--pid",
+                    str(target.pid),
+                    "--rate",
+                    str(args.rate),
+                    "--gil",
+                    "--nonblocking",
+                    "--duration",
+                    str(int(args.seconds)),
+                    "--format",
+                    "raw",
+                    "-o",
+                    str(raw),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
             )
             time.sleep(1.0)
             cpu0 = bench.tree_cpu(target.pid)
@@ -143,8 +164,10 @@ def main() -> int:
             _, err = spy.communicate(timeout=args.seconds + 30)
             if spy.returncode != 0:
                 print(err.decode(errors="replace"), file=sys.stderr)
-            print(f"{args.target} {kind} at {args.concurrency} clients: {sent} requests, "
-                  f"{cpu / max(sent, 1) * 1000:.2f} ms CPU each under py-spy (sampling adds some)\n")
+            print(
+                f"{args.target} {kind} at {args.concurrency} clients: {sent} requests, "
+                f"{cpu / max(sent, 1) * 1000:.2f} ms CPU each under py-spy (sampling adds some)\n"
+            )
             print(summarize(raw, args.top))
             _to_svg(raw, svg)
             print(f"\ncollapsed stacks: {raw}\nflame graph: {svg}")

@@ -18,7 +18,13 @@ import asyncio
 import contextlib
 import json
 import signal
+import socket
 from typing import Any, cast
+
+try:
+    import uvloop
+except ImportError:  # plain asyncio then
+    uvloop = None  # type: ignore[assignment]
 
 CONTENT_CHUNKS = 20
 CREATED = 1_700_000_000
@@ -77,8 +83,18 @@ def _stream_events(model: str, include_usage: bool) -> list[bytes]:
         body.update(extra)
         return body
 
-    events = [chunk([{"index": 0, "delta": {"role": "assistant", "content": "", "refusal": None}, "logprobs": None,
-                      "finish_reason": None}])]
+    events = [
+        chunk(
+            [
+                {
+                    "index": 0,
+                    "delta": {"role": "assistant", "content": "", "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+            ]
+        )
+    ]
     events += [
         chunk([{"index": 0, "delta": {"content": f"tok{i} "}, "logprobs": None, "finish_reason": None}])
         for i in range(CONTENT_CHUNKS)
@@ -115,11 +131,16 @@ class _Cache:
 
 def _response(status: str, body: bytes, keep_alive: bool, content_type: bytes = b"application/json") -> bytes:
     return (
-        b"HTTP/1.1 " + status.encode() + b"\r\ncontent-type: " + content_type
-        + b"\r\ncontent-length: " + str(len(body)).encode()
+        b"HTTP/1.1 "
+        + status.encode()
+        + b"\r\ncontent-type: "
+        + content_type
+        + b"\r\ncontent-length: "
+        + str(len(body)).encode()
         + b"\r\nx-request-id: req_bench\r\nopenai-processing-ms: 0\r\n"
         + (b"" if keep_alive else b"connection: close\r\n")
-        + b"\r\n" + body
+        + b"\r\n"
+        + body
     )
 
 
@@ -140,8 +161,6 @@ class UpstreamProtocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
         sock = self.transport.get_extra_info("socket")
         if sock is not None:
-            import socket
-
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -276,12 +295,7 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9100)
     args = parser.parse_args()
-    try:
-        import uvloop
-
-        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    except ImportError:
-        runner = asyncio.Runner()
+    runner = asyncio.Runner(loop_factory=uvloop.new_event_loop) if uvloop is not None else asyncio.Runner()
     with runner:
         runner.run(serve(args.host, args.port))
 

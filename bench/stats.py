@@ -88,6 +88,7 @@ USERS = 50
 GOAL_QUERY_MS = 200.0
 GOAL_WRITE_MS = 0.5
 WRITER_USER = "usr_bench_writer"  # the writer benchmark's rows, deleted afterwards
+SHUTDOWN_TIMEOUT = 60.0  # seconds LedgerWriter.aclose() may take
 BENCH_INDEX_PREFIX = "ix_bench_"  # indexes this script creates to try fixes; dropped after
 
 # name -> (share of calls, output ms per token, reasoning share of output)
@@ -604,7 +605,9 @@ class WriterResult:
     flush_rows: int = 0
     flush_s: float = 0.0
     flush_cpu_s: float = 0.0
-    background_rows: int = 0
+    queued: int = 0  # rows the timed requests' writer was given
+    written: int = 0  # of which in the ledger after its aclose()
+    close_timed_out: bool = False
 
 
 async def fake_request(number: int, accounting: Accounting, writer: LedgerWriter | None) -> dict[str, Any]:
@@ -639,14 +642,26 @@ async def fake_request(number: int, accounting: Accounting, writer: LedgerWriter
     return body
 
 
-async def measure_writer(factory: SessionFactory, accounting: Accounting, calls: int, flush_rows: int) -> WriterResult:
+async def writer_rows(db: Database) -> int:
+    conn = await db.connect()
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM usage_records WHERE user_id = $1", WRITER_USER))
+    finally:
+        await conn.close()
+
+
+async def measure_writer(
+    db: Database, factory: SessionFactory, accounting: Accounting, calls: int, flush_rows: int
+) -> WriterResult:
     """Requests without and with the ledger write (writer running), add() alone, and the flush's throughput."""
     result = WriterResult()
+    before = await writer_rows(db)
     writer = LedgerWriter(factory)
     writer.start()
     try:
-        for number in range(200):  # warm-up
+        for number in range(200):  # warm-up, and a first flush: the INSERT compiled and prepared
             await fake_request(number, accounting, writer if number % 2 else None)
+        await writer.flush()
         block = 100
         for first in range(0, calls, block):
             for with_ledger in (False, True) if (first // block) % 2 else (True, False):
@@ -656,8 +671,13 @@ async def measure_writer(factory: SessionFactory, accounting: Accounting, calls:
                     await fake_request(number, accounting, writer if with_ledger else None)
                     samples.append(time.perf_counter_ns() - began)
     finally:
-        await writer.aclose()
-    result.background_rows = calls + 100
+        try:
+            await asyncio.wait_for(writer.aclose(), SHUTDOWN_TIMEOUT)
+        except TimeoutError:
+            result.close_timed_out = True
+    # A normal shutdown must not lose rows: everything queued is in the ledger after aclose().
+    result.queued = 100 + calls
+    result.written = await writer_rows(db) - before
 
     # add() alone, and then the same rows flushed at once: a writer whose background task is not started.
     idle = LedgerWriter(factory)
@@ -789,7 +809,7 @@ async def run(db: Database, end: datetime, args: argparse.Namespace) -> Run:
             await drop_bench_objects(db)  # the ledger write is measured with the migrations' indexes only
 
         print("measuring the ledger write", file=sys.stderr)
-        writer = await measure_writer(factory, accounting, args.calls, args.flush_rows)
+        writer = await measure_writer(db, factory, accounting, args.calls, args.flush_rows)
     finally:
         await engine.dispose()
         await drop_bench_objects(db)
@@ -808,6 +828,18 @@ async def run(db: Database, end: datetime, args: argparse.Namespace) -> Run:
 
 
 # --------------------------------------------------------------------------- report
+
+
+def shutdown_line(w: WriterResult) -> str:
+    """Whether the writer's normal shutdown (`aclose()`) kept every row it was given."""
+    if w.close_timed_out:
+        return f"⚠️ `LedgerWriter.aclose()` did not return within {SHUTDOWN_TIMEOUT:.0f} s."
+    if w.written == w.queued:
+        return f"Shutdown: after `aclose()`, all {w.queued:,} rows queued during the run are in the ledger ✅."
+    return (
+        f"⚠️ Shutdown lost rows: after `aclose()`, {w.written:,} of the {w.queued:,} rows queued during the run are "
+        "in the ledger."
+    )
 
 
 def _us(ns: float) -> str:
@@ -884,6 +916,8 @@ def report(r: Run, machine: str, args: argparse.Namespace) -> tuple[str, list[st
         f"{fmt(flush_cpu_us, 1)} (its share of a flush) = **{fmt(total_us, 1)} µs**. A full batch of 500 rows holds "
         f"the loop for about {fmt(batch_ms, 1)} ms of CPU in all: a request waiting while it runs absorbs part or "
         "all of it, which is what the max column shows.",
+        "",
+        shutdown_line(w),
         "",
     ]
     goal_case = r.cases[0]
@@ -1105,6 +1139,8 @@ def main() -> int:
     text, missed = report(result, machine_line(asyncio.run(server_info(db))), args)
     print(text)
     print(f"written to {write_result('stats', text)}", file=sys.stderr)
+    if result.writer.written != result.writer.queued or result.writer.close_timed_out:
+        print(f"warning: {shutdown_line(result.writer)}", file=sys.stderr)
     for goal in missed:
         print(f"goal missed: {goal}", file=sys.stderr)
     return 1 if missed else 0
