@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx2
+import openai
 import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
@@ -26,7 +27,8 @@ from app.db.migrations import upgrade_to_head
 from app.db.models import Base
 from main import create_app
 from tests.fake_upstream import FakeUpstream
-from tests.helpers import http_client
+from tests.helpers import SSL_CONTEXT, http_client
+from tests.openapi_schema import OpenAPISchemas, openai_schemas
 from tests.server import ThreadedServer
 
 ADMIN_KEY = "sk-admin-" + secrets.token_hex(16)
@@ -158,3 +160,21 @@ def alice(make_user: Callable[..., Caller]) -> Caller:
 @pytest.fixture
 def bob(make_user: Callable[..., Caller]) -> Caller:
     return make_user("bob")
+
+
+def sdk_for(service: str, key: str) -> openai.OpenAI:
+    """The official SDK pointed at the service's /v1, with no retries of its own."""
+    http = openai.DefaultHttpxClient(verify=SSL_CONTEXT)
+    return openai.OpenAI(base_url=f"{service}/v1", api_key=key, max_retries=0, http_client=http)
+
+
+@pytest.fixture
+def sdk(alice: Caller, service: str) -> Iterator[openai.OpenAI]:
+    with sdk_for(service, alice.key) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def schemas() -> OpenAPISchemas:
+    """OpenAI's own schemas, from shared/openai-openapi (loaded once)."""
+    return openai_schemas()

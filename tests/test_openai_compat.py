@@ -5,7 +5,6 @@ the async client have their own `test_openai_compat_*.py` modules.
 """
 
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import httpx2
@@ -17,25 +16,12 @@ from pydantic import BaseModel
 
 from tests.conftest import Caller
 from tests.fake_upstream import FakeUpstream
-from tests.helpers import SSL_CONTEXT
-from tests.openapi_schema import OpenAPISchemas, openai_schemas
+from tests.openapi_schema import OpenAPISchemas
 
 MODEL = "gpt-4o-mini"
 HELLO: list[Any] = [{"role": "user", "content": "hello there"}]
 _ID = re.compile(rb'"id":"(chatcmpl-[0-9a-f]+)"')
 _CREATED = re.compile(rb'"created":(\d+)')
-
-
-@pytest.fixture(scope="session")
-def schemas() -> OpenAPISchemas:
-    return openai_schemas()
-
-
-@pytest.fixture
-def sdk(alice: Caller, service: str) -> Iterator[openai.OpenAI]:
-    http = openai.DefaultHttpxClient(verify=SSL_CONTEXT)
-    with openai.OpenAI(base_url=f"{service}/v1", api_key=alice.key, max_retries=0, http_client=http) as client:
-        yield client
 
 
 def sse_data(raw: bytes) -> list[bytes]:

@@ -19,16 +19,11 @@ from main import create_app
 from tests.conftest import Caller, service_settings
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import SSL_CONTEXT, assert_error
-from tests.openapi_schema import OpenAPISchemas, openai_schemas
+from tests.openapi_schema import OpenAPISchemas
 from tests.server import ThreadedServer
 
 MODEL = "gpt-4o-mini"
 HELLO: list[Any] = [{"role": "user", "content": "hello there"}]
-
-
-@pytest.fixture(scope="session")
-def schemas() -> OpenAPISchemas:
-    return openai_schemas()
 
 
 class Wire:

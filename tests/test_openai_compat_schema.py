@@ -4,13 +4,7 @@ from typing import Any
 
 import pytest
 
-from tests.openapi_schema import OpenAPISchemas, load_spec, openai_schemas
-
-
-@pytest.fixture(scope="session")
-def schemas() -> OpenAPISchemas:
-    return openai_schemas()
-
+from tests.openapi_schema import OpenAPISchemas, load_spec
 
 CHUNK: dict[str, Any] = {
     "id": "chatcmpl-1",

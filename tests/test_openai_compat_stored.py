@@ -8,28 +8,11 @@ import orjson
 import pytest
 from openai.types.chat import ChatCompletion
 
-from tests.conftest import Caller
+from tests.conftest import Caller, sdk_for
 from tests.fake_upstream import FakeUpstream
-from tests.helpers import SSL_CONTEXT
-from tests.openapi_schema import OpenAPISchemas, openai_schemas
+from tests.openapi_schema import OpenAPISchemas
 
 MODEL = "gpt-4o-mini"
-
-
-@pytest.fixture(scope="session")
-def schemas() -> OpenAPISchemas:
-    return openai_schemas()
-
-
-def sdk_for(service: str, key: str) -> openai.OpenAI:
-    http = openai.DefaultHttpxClient(verify=SSL_CONTEXT)
-    return openai.OpenAI(base_url=f"{service}/v1", api_key=key, max_retries=0, http_client=http)
-
-
-@pytest.fixture
-def sdk(alice: Caller, service: str) -> Iterator[openai.OpenAI]:
-    with sdk_for(service, alice.key) as client:
-        yield client
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """Every /v1 call lands in the same usage accounting as native chats, with the upstream's own counts."""
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx2
@@ -12,13 +12,6 @@ from tests.fake_upstream import FakeUpstream
 from tests.helpers import SSL_CONTEXT
 
 MODEL = "gpt-4o-mini"
-
-
-@pytest.fixture
-def sdk(alice: Caller, service: str) -> Iterator[openai.OpenAI]:
-    http = openai.DefaultHttpxClient(verify=SSL_CONTEXT)
-    with openai.OpenAI(base_url=f"{service}/v1", api_key=alice.key, max_retries=0, http_client=http) as client:
-        yield client
 
 
 @pytest.fixture
