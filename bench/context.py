@@ -25,7 +25,7 @@ plausible English of 20-200 tokens, counted exactly with the project's tokenizer
 "o200k_base"), with two pinned messages per chat, a tool call and its result every ~40 turns and
 a few failed replies (status "error").
 
-    .venv/bin/python bench/context.py                # about 3 minutes, 1 more to seed the first time
+    .venv/bin/python bench/context.py                # 1-2 minutes, 1 more to seed the first time
     .venv/bin/python bench/context.py --runs 50 --reseed
 
 Prints a markdown table, writes it to bench/results/context.md, and exits 1 if a goal is missed:

@@ -27,7 +27,7 @@ users and models with skewed popularity, three endpoints, 65% streams with a tim
 2.5% errors (429, 5xx, 400, timeouts; source `none`), 1% estimated streams, retries, cached and
 reasoning tokens, and costs priced with the project's catalog (one fine-tuned model is unpriced).
 
-    .venv/bin/python bench/stats.py                 # about 6-8 minutes, 1 more to seed the first time
+    .venv/bin/python bench/stats.py                 # about 8 minutes, 1 more to seed the first time
     .venv/bin/python bench/stats.py --runs 20 --budget 30
 
 Prints a markdown report, writes it to bench/results/stats.md, and exits 1 if a goal is missed:
@@ -914,8 +914,8 @@ def report(r: Run, machine: str, args: argparse.Namespace) -> tuple[str, list[st
         f"500, one INSERT each), using {fmt(flush_cpu_us, 1)} µs of event-loop CPU per row. The ledger's whole cost "
         f"to a request on the event loop is then about {fmt(added_us, 1)} (p50 difference above) + "
         f"{fmt(flush_cpu_us, 1)} (its share of a flush) = **{fmt(total_us, 1)} µs**. A full batch of 500 rows holds "
-        f"the loop for about {fmt(batch_ms, 1)} ms of CPU in all: a request waiting while it runs absorbs part or "
-        "all of it, which is what the max column shows.",
+        f"the loop for about {fmt(batch_ms, 1)} ms of CPU in all, which falls on the requests waiting while it "
+        "runs: it shows in the tail (p99), not the median.",
         "",
         shutdown_line(w),
         "",

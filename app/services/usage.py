@@ -140,8 +140,10 @@ class LedgerWriter:
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def start(self) -> None:
+        self._stopping = False
         self._task = asyncio.create_task(self._run(), name="ledger-writer")
 
     def add(self, record: UsageRecord) -> None:
@@ -166,7 +168,7 @@ class LedgerWriter:
                     raise
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._interval)
             self._wake.clear()
@@ -174,13 +176,15 @@ class LedgerWriter:
                 await self.flush()
 
     async def aclose(self) -> None:
-        """Stop the background loop and write what is left."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await self.flush()
+        """Stop the background loop and write what is left.
 
+        The loop is asked to stop, not cancelled: a flush cut off mid-batch would lose it.
+        """
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+        await self.flush()
 
 _LEDGER_COLUMNS = [c for c in UsageRecord.__table__.columns if c.key != "id"]
 
