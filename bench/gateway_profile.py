@@ -26,17 +26,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gateway as bench
 import gateway_load as load
 
-# Areas of the request path, matched against "function (file)" frames; the first match wins per stack.
+# Areas of the request path, matched against "function (file:line)" frames in this order: a sample
+# belongs to the first area any of whose needles appears anywhere in its stack.
 AREAS = {
-    "key lookup (current_principal: SQLAlchemy select + DB driver)": ["current_principal"],
-    "per-request DB session (get_session open/close)": ["get_session"],
-    "ledger writer (LedgerWriter.add / flush)": ["LedgerWriter", "usage.py"],
-    "accounting (Accounting rows, token estimate)": ["Accounting", "tokens.py"],
-    "upstream client (httpx2 / httpcore send + read)": ["httpx2", "httpcore"],
-    "FastAPI dependency resolution + routing": ["solve_dependencies", "fastapi/routing.py", "starlette/routing.py"],
-    "uvicorn HTTP protocol (httptools)": ["httptools_impl"],
-    "middleware (RequestContextMiddleware)": ["middleware.py"],
-    "gateway parsing + relay (gateway.py)": ["gateway.py"],
+    "key lookup (current_principal, DB on a cache miss)": ["current_principal"],
+    "ledger writer (LedgerWriter.add / flush)": ["LedgerWriter"],
+    "accounting (Accounting rows, token estimates)": ["Accounting.", "tokens.py"],
+    "metrics (prometheus_client)": ["prometheus_client", "metrics.py"],
+    "upstream HTTP client (httpx2 / httpcore2 / h11)": ["httpx2", "httpcore", "h11/"],
+    "gateway code (app/services/gateway.py)": ["services/gateway.py"],
+    "FastAPI dependency solving": ["solve_dependencies"],
+    "request body read": ["Request.body", "Request.stream"],
+    "rest of FastAPI / Starlette (routing, responses, error middlewares)": ["fastapi/", "starlette/"],
+    "uvicorn HTTP protocol (httptools)": ["uvicorn/"],
 }
 
 
@@ -76,8 +78,10 @@ def summarize(raw: Path, top: int) -> str:
         shown += 1
         if shown >= top:
             break
-    lines += ["", "areas (first match per stack, of all samples):"]
+    rest = total - sum(areas.values())
+    lines += ["", "areas (first match per stack, in the order listed in AREAS; share of all samples):"]
     lines += [f"  {c / total:6.1%}  {a}" for a, c in areas.most_common()]
+    lines.append(f"  {rest / total:6.1%}  event loop, asyncio and everything else")
     return "\n".join(lines)
 
 
@@ -97,7 +101,8 @@ async def drive(target: bench.Target, upstream: bench.Target, stream: bool, conc
 
 def main() -> int:  # noqa: PLR0915 - one linear script
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("target", choices=["bare", "lean", "real", "litellm"])
+    parser.add_argument("target", choices=["bare", "bare-raw", "lean", "real", "litellm"])
+    parser.add_argument("--summarize", metavar="RAW", help="only summarize an existing collapsed-stack file")
     parser.add_argument("--py-spy", default=shutil.which("py-spy") or "/tmp/prof-venv/bin/py-spy")
     parser.add_argument("--stream", action="store_true")
     parser.add_argument("--concurrency", type=int, default=32)
@@ -108,6 +113,9 @@ def main() -> int:  # noqa: PLR0915 - one linear script
     parser.add_argument("--pg-url", default="postgresql+asyncpg://postgres@127.0.0.1:5432/")
     parser.add_argument("--litellm-venv", default="/tmp/litellm-venv")
     args = parser.parse_args()
+    if args.summarize:
+        print(summarize(Path(args.summarize), args.top))
+        return 0
 
     os.sched_setaffinity(0, {bench.HARNESS_CPU})
     out = Path(args.out)
@@ -117,8 +125,8 @@ def main() -> int:  # noqa: PLR0915 - one linear script
     try:
         with bench.terminate_on_signals(), load.new_runner() as runner:
             upstream = bench.start_upstream(procs)
-            if args.target == "bare":
-                target = bench.start_bare(procs, upstream.port)
+            if args.target in ("bare", "bare-raw"):
+                target = bench.start_bare(procs, upstream.port, args.target)
             elif args.target == "lean":
                 url = f"sqlite+aiosqlite:///{workdir / 'lean' / 'openai_service.db'}"
                 target = bench.start_service(procs, "lean", upstream.port, url)

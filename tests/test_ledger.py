@@ -50,7 +50,7 @@ async def _queue_and_close(database_url: str, rows: int, delay: float) -> tuple[
 
 def test_closing_the_writer_mid_flush_loses_no_row(database_url: str) -> None:
     for delay in (0.0, 0.005, 0.02):
-        count, total = asyncio.run(_queue_and_close(database_url, 1000, delay))
+        count, total = asyncio.run(asyncio.wait_for(_queue_and_close(database_url, 1000, delay), 30))
         assert (count, total) == (1000, sum(range(1000)))
         asyncio.run(_delete(database_url))
 
