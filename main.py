@@ -142,9 +142,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         authenticated_prefixes=("/api/v1/", "/v1/"),
         metrics=metrics,
     )
+    # /v1 first: its hot path should not be matched against every other route before its own.
+    app.include_router(openai_router)
     app.include_router(health.router)
     app.include_router(api_router)
-    app.include_router(openai_router)
 
     _mount_docs(app)
     return app

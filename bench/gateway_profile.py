@@ -112,6 +112,7 @@ def main() -> int:  # noqa: PLR0915 - one linear script
     parser.add_argument("--out", default="/tmp/gateway-profile", help="folder for profile.svg and profile.txt")
     parser.add_argument("--pg-url", default="postgresql+asyncpg://postgres@127.0.0.1:5432/")
     parser.add_argument("--litellm-venv", default="/tmp/litellm-venv")
+    parser.add_argument("--service-dir", default=str(bench.ROOT), help="the openai_service checkout to profile")
     args = parser.parse_args()
     if args.summarize:
         print(summarize(Path(args.summarize), args.top))
@@ -129,11 +130,15 @@ def main() -> int:  # noqa: PLR0915 - one linear script
                 target = bench.start_bare(procs, upstream.port, args.target)
             elif args.target == "lean":
                 url = f"sqlite+aiosqlite:///{workdir / 'lean' / 'openai_service.db'}"
-                target = bench.start_service(procs, "lean", upstream.port, url)
+                target = bench.start_service(procs, "lean", upstream.port, url, Path(args.service_dir))
             elif args.target == "real":
                 runner.run(bench.pg_recreate(args.pg_url))
                 target = bench.start_service(
-                    procs, "real", upstream.port, args.pg_url.rstrip("/") + "/" + bench.PG_DATABASE
+                    procs,
+                    "real",
+                    upstream.port,
+                    args.pg_url.rstrip("/") + "/" + bench.PG_DATABASE,
+                    Path(args.service_dir),
                 )
             else:
                 version = bench.install_litellm(Path(args.litellm_venv), 900)

@@ -186,6 +186,7 @@ class LedgerWriter:
             await self._task
         await self.flush()
 
+
 _LEDGER_COLUMNS = [c for c in UsageRecord.__table__.columns if c.key != "id"]
 
 
