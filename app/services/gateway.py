@@ -200,24 +200,15 @@ def _record(
     stream: bool,
     served: str | None = None,
 ) -> None:
-    for number, failed in enumerate(call.failed, 1):
-        ledger.add(accounting.failed(call.context, call.model, failed, number, stream=stream))
-    if attempt is None:
-        return
-    model = served or call.model
-    counted = normalize_usage(usage) if usage else accounting.estimate(model, call.messages, text)
-    ledger.add(
-        accounting.completed(
-            call.context,
-            model_requested=call.model,
-            model=model,
-            attempt=attempt,
-            number=len(call.failed) + 1,
-            usage=counted,
-            stream=stream,
-            message_id=None,
-        )
-    )
+    final = None
+    if attempt is not None:
+        model = served or call.model
+        counted = normalize_usage(usage) if usage else accounting.estimate(model, call.messages, text)
+        final = (attempt, model, counted)
+    for row in accounting.rows(
+        call.context, model_requested=call.model, failed=call.failed, stream=stream, final=final
+    ):
+        ledger.add(row)
 
 
 async def _events(response: Any) -> AsyncGenerator[bytes, None]:

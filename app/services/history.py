@@ -43,11 +43,6 @@ from app.services.transcript import ToolCallState, check_order, render_markdown
 _CHAT_ATTRIBUTES = {"metadata": "metadata_"}
 
 
-def history_message_read(message: Message) -> MessageRead:
-    """A stored message with OpenAI's optional fields (name, tool calls)."""
-    return message_read(message)
-
-
 async def read_messages(
     session: AsyncSession, principal: Principal, chat_id: str, page: HistoryParams
 ) -> Page[MessageRead]:
@@ -63,7 +58,7 @@ async def read_messages(
     if page.after is not None:
         position = cursor.scalar_subquery()
         stmt = stmt.where(Message.seq < position if page.order == "desc" else Message.seq > position)
-    result = await paginate(session, stmt, (Message.seq,), page, None, history_message_read, lambda m: m.id)
+    result = await paginate(session, stmt, (Message.seq,), page, None, message_read, lambda m: m.id)
     if not result.data:
         # An empty page: say so, unless the chat is not the caller's (404) or the cursor not in it (400).
         await get_owned_chat(session, principal, chat_id)
@@ -154,7 +149,7 @@ async def save_messages(
     stored = [Message(**row) for row in rows]
     session.add_all(stored)
     await session.commit()
-    items = [history_message_read(m) for m in stored]
+    items = [message_read(m) for m in stored]
     return Page[MessageRead](data=items, first_id=items[0].id, last_id=items[-1].id, has_more=False)
 
 

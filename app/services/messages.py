@@ -40,7 +40,7 @@ from app.services.context import (
 )
 from app.services.openai import Attempt, ReplyStream, Upstream
 from app.services.runtime import ChatRuntime
-from app.services.usage import CallContext
+from app.services.usage import CallContext, ledger_values
 
 log = get_logger(__name__)
 
@@ -218,35 +218,21 @@ async def _summarise(session: AsyncSession, runtime: ChatRuntime, chat: Chat, tu
         call = CallContext(turn.call.user_id, turn.call.api_key_id, chat.id, "chat.summary")
         failed: list[Attempt] = []
         max_tokens = summary_max_tokens(plan.budget)
+        request = summary_request(plan.summary, chunk)
         try:
-            completion = await upstream.complete(
-                turn.model, summary_request(plan.summary, chunk), {"max_completion_tokens": max_tokens}, failed
-            )
+            completion = await upstream.complete(turn.model, request, {"max_completion_tokens": max_tokens}, failed)
         except AppError as exc:
-            session.add_all(
-                runtime.accounting.failed(call, turn.model, a, n, stream=False) for n, a in enumerate(failed, 1)
-            )
+            session.add_all(runtime.accounting.rows(call, model_requested=turn.model, failed=failed, stream=False))
             await session.commit()
             log.warning("summary_failed", extra={"chat_id": chat.id, "code": exc.code})
             break
         content = completion.content.strip()
         summary_message = {"role": "system", "content": f"Summary of the earlier conversation:\n{content}"}
-        usage = completion.usage or runtime.accounting.estimate(
-            turn.model, summary_request(plan.summary, chunk), content
-        )
+        usage = completion.usage or runtime.accounting.estimate(turn.model, request, content)
+        final = (completion.attempt, completion.model, usage)
         session.add_all(
             [
-                *(runtime.accounting.failed(call, turn.model, a, n, stream=False) for n, a in enumerate(failed, 1)),
-                runtime.accounting.completed(
-                    call,
-                    model_requested=turn.model,
-                    model=completion.model,
-                    attempt=completion.attempt,
-                    number=len(failed) + 1,
-                    usage=usage,
-                    stream=False,
-                    message_id=None,
-                ),
+                *runtime.accounting.rows(call, model_requested=turn.model, failed=failed, stream=False, final=final),
                 ChatSummary(
                     id=new_id("sum"),
                     chat_id=chat.id,
@@ -307,23 +293,18 @@ async def _store_reply(
     rows are stored all the same, since the tokens were spent.
     """
     accounting = runtime.accounting
-    records = [
-        accounting.failed(turn.call, turn.model, failed, n, stream=stream) for n, failed in enumerate(turn.failed, 1)
-    ]
+    final = None
     if attempt is not None:
         usage = {"source": "reported", **usage} if usage else accounting.estimate(model, turn.context, content)
-        records.append(
-            accounting.completed(
-                turn.call,
-                model_requested=turn.model,
-                model=model,
-                attempt=attempt,
-                number=len(turn.failed) + 1,
-                usage=usage,
-                stream=stream,
-                message_id=turn.reply_id,
-            )
-        )
+        final = (attempt, model, usage)
+    records = accounting.rows(
+        turn.call,
+        model_requested=turn.model,
+        failed=turn.failed,
+        stream=stream,
+        final=final,
+        message_id=turn.reply_id,
+    )
     reply = Message(
         id=turn.reply_id,
         chat_id=turn.user_message.chat_id,
@@ -351,15 +332,10 @@ async def _store_reply(
     except IntegrityError:
         await session.rollback()
         log.info("reply_dropped_chat_deleted", extra={"chat_id": reply.chat_id})
-        session.add_all([_detached_copy(r) for r in records])
+        session.add_all([UsageRecord(**ledger_values(r)) for r in records])
         await session.commit()
         return None
     return reply
-
-
-def _detached_copy(record: UsageRecord) -> UsageRecord:
-    columns = {c.key: getattr(record, c.key) for c in UsageRecord.__table__.columns if c.key != "id"}
-    return UsageRecord(**columns)
 
 
 def _chat_gone(chat_id: str) -> NotFoundError:

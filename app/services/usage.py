@@ -57,6 +57,35 @@ class Accounting:
             "source": "estimated",
         }
 
+    def rows(
+        self,
+        call: CallContext,
+        *,
+        model_requested: str,
+        failed: list[Attempt],
+        stream: bool,
+        final: tuple[Attempt, str, dict[str, Any]] | None = None,
+        message_id: str | None = None,
+    ) -> list[UsageRecord]:
+        """The ledger rows of one call: each failed attempt, then the `final` one
+        (attempt, model served, usage) if the call got that far."""
+        rows = [self.failed(call, model_requested, a, n, stream=stream) for n, a in enumerate(failed, 1)]
+        if final is not None:
+            attempt, model, usage = final
+            rows.append(
+                self.completed(
+                    call,
+                    model_requested=model_requested,
+                    model=model,
+                    attempt=attempt,
+                    number=len(failed) + 1,
+                    usage=usage,
+                    stream=stream,
+                    message_id=message_id,
+                )
+            )
+        return rows
+
     def failed(self, call: CallContext, model: str, attempt: Attempt, number: int, *, stream: bool) -> UsageRecord:
         """A ledger row for an attempt that used no tokens."""
         return self._row(call, model, model, attempt, number, None, stream=stream, message_id=None)
@@ -148,7 +177,7 @@ class LedgerWriter:
 
     def add(self, record: UsageRecord) -> None:
         """Queue a row; never blocks."""
-        self._pending.append({c.key: getattr(record, c.key) for c in _LEDGER_COLUMNS})
+        self._pending.append(ledger_values(record))
         if len(self._pending) >= self._batch:
             self._wake.set()
 
@@ -188,6 +217,11 @@ class LedgerWriter:
 
 
 _LEDGER_COLUMNS = [c for c in UsageRecord.__table__.columns if c.key != "id"]
+
+
+def ledger_values(record: UsageRecord) -> dict[str, Any]:
+    """A ledger row's column values, without its id (for inserting it anew)."""
+    return {c.key: getattr(record, c.key) for c in _LEDGER_COLUMNS}
 
 
 async def app_ledger(request: Request) -> LedgerWriter:
