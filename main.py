@@ -38,6 +38,7 @@ from app.db.models import utcnow
 from app.schemas.users import ApiKeyCreate, UserCreate
 from app.services.catalog import ModelCatalog
 from app.services.context import ContextBuilder
+from app.services.gateway import Gateway
 from app.services.history import purge_history
 from app.services.local_model import LOCAL_MODEL_NAME, LocalModel, LocalModelError, unavailable_reason
 from app.services.openai import Upstream
@@ -82,6 +83,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             max_output_tokens=settings.local_model_max_tokens,
         )
     app.state.accounting = Accounting(catalog, tokenizer, metrics)
+    app.state.gateway = Gateway(app.state.proxy, app.state.accounting, app.state.ledger, app.state.session_factory)
     app.state.runtime = ChatRuntime(
         upstream=app.state.upstream,
         accounting=app.state.accounting,

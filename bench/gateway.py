@@ -7,7 +7,8 @@ this process) pinned to CPU 1:
 
 - direct: the fake upstream itself, no gateway (the harness's own ceiling);
 - bare: bench/gateway_bare.py, Starlette + httpx2, no auth, no accounting;
-- bare-raw: the same with a minimal asyncio + httptools upstream client instead
+- bare-raw: the same with openai_service's own lean upstream client
+  (app/services/http_client.py, asyncio + httptools) instead
   of httpx2 (what the upstream HTTP client itself costs);
 - lean: openai_service (`python main.py`), SQLite in a temp dir, keys checked;
 - real: openai_service on PostgreSQL (a fresh database `openai_service_bench_gw`),
@@ -78,7 +79,7 @@ TARGET_NAMES = ("bare", "bare-raw", "lean", "real", "litellm")
 LABELS = {
     "direct": "direct to fake upstream (no gateway)",
     "bare": "bare pass-through (Starlette + httpx2)",
-    "bare-raw": "bare pass-through (Starlette + raw httptools client)",
+    "bare-raw": "bare pass-through (Starlette + the service's lean client)",
     "lean": "openai_service /v1, lean (SQLite)",
     "real": "openai_service /v1, real (PostgreSQL)",
     "litellm": "LiteLLM proxy",

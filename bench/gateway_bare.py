@@ -4,20 +4,19 @@ A minimal Starlette app that forwards the request body to the upstream and
 relays the response (or the stream, chunk by chunk): no auth, no parsing, no
 accounting. With `--client httpx2` (the default) it talks to the upstream with
 `httpx2.AsyncClient`, as openai_service does; with `--client raw` through a
-minimal keep-alive HTTP/1.1 client on asyncio + httptools (RawUpstream below),
-to show what the upstream client itself costs.
+lean keep-alive HTTP/1.1 client on asyncio + httptools that openai_service's
+`/v1` relay uses (app/services/http_client.py), to show what the upstream
+client itself costs.
 
     python bench/gateway_bare.py --port 9101 --upstream http://127.0.0.1:9100/v1 [--client raw]
 """
 
 import argparse
-import asyncio
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import cast
-from urllib.parse import urlsplit
+from pathlib import Path
 
-import httptools
 import httpx2
 import uvicorn
 from starlette.applications import Starlette
@@ -26,113 +25,24 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-
-class _UpstreamConnection(asyncio.Protocol):
-    """One keep-alive connection to the upstream; one request at a time."""
-
-    def __init__(self, pool: "RawUpstream") -> None:
-        self.pool = pool
-        self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
-        self.head: asyncio.Future[tuple[int, list[tuple[bytes, bytes]]]] | None = None
-        self.body: asyncio.Queue[bytes | None] | None = None
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.closed = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        if self.head is not None and not self.head.done():
-            self.head.set_exception(ConnectionError("upstream closed the connection"))
-        if self.body is not None:
-            self.body.put_nowait(None)
-
-    def data_received(self, data: bytes) -> None:
-        self.parser.feed_data(data)
-
-    # httptools callbacks
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), value))
-
-    def on_headers_complete(self) -> None:
-        if self.head is not None and not self.head.done():
-            self.head.set_result((self.parser.get_status_code(), self.headers))
-
-    def on_body(self, body: bytes) -> None:
-        if self.body is not None:
-            self.body.put_nowait(body)
-
-    def on_message_complete(self) -> None:
-        keep = self.parser.should_keep_alive()
-        if self.body is not None:
-            self.body.put_nowait(None)
-        if keep:
-            self.pool.idle.append(self)
-        elif self.transport is not None:
-            self.transport.close()
-
-    def send(
-        self, raw: bytes
-    ) -> tuple["asyncio.Future[tuple[int, list[tuple[bytes, bytes]]]]", "asyncio.Queue[bytes | None]"]:
-        assert self.transport is not None
-        self.headers = []
-        self.head = asyncio.get_running_loop().create_future()
-        self.body = asyncio.Queue()
-        self.transport.write(raw)
-        return self.head, self.body
-
-
-class RawUpstream:
-    """A minimal keep-alive HTTP/1.1 client pool (asyncio + httptools), POST only."""
-
-    def __init__(self, base_url: str) -> None:
-        url = urlsplit(base_url)
-        self.host, self.port = url.hostname or "127.0.0.1", url.port or 80
-        self.prefix = url.path.rstrip("/")
-        self.idle: list[_UpstreamConnection] = []
-
-    async def _connection(self) -> _UpstreamConnection:
-        while self.idle:
-            connection = self.idle.pop()
-            if not connection.closed:
-                return connection
-        loop = asyncio.get_running_loop()
-        _, connection = await loop.create_connection(lambda: _UpstreamConnection(self), self.host, self.port)
-        return connection
-
-    async def post(self, path: str, body: bytes) -> tuple[int, dict[bytes, bytes], "asyncio.Queue[bytes | None]"]:
-        connection = await self._connection()
-        raw = (
-            f"POST {self.prefix}/{path} HTTP/1.1\r\nhost: {self.host}:{self.port}\r\n"
-            f"authorization: Bearer anything\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\n\r\n"
-        ).encode() + body
-        head, chunks = connection.send(raw)
-        status, headers = await head
-        return status, dict(headers), chunks
-
-    def close(self) -> None:
-        for connection in self.idle:
-            if connection.transport is not None:
-                connection.transport.close()
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from app.services.http_client import HTTPClient
 
 
 def create_raw_app(upstream: str) -> Starlette:
-    client = RawUpstream(upstream)
-
-    async def relay(chunks: "asyncio.Queue[bytes | None]") -> AsyncIterator[bytes]:
-        while (chunk := await chunks.get()) is not None:
-            yield chunk
+    client = HTTPClient(upstream, {"authorization": "Bearer anything"}, timeout=60.0, connect_timeout=10.0)
 
     async def chat_completions(request: Request) -> Response:
-        status, headers, chunks = await client.post("chat/completions", await request.body())
-        content_type = headers.get(b"content-type", b"application/json").decode("latin-1")
+        response = await client.request("POST", "chat/completions", await request.body())
+        content_type = response.headers.get("content-type") or "application/json"
         if content_type.startswith("text/event-stream"):
-            return StreamingResponse(relay(chunks), status_code=status, media_type=content_type)
-        parts = [chunk async for chunk in relay(chunks)]
-        return Response(b"".join(parts), status_code=status, media_type=content_type)
+            return StreamingResponse(
+                response,
+                status_code=response.status_code,
+                media_type=content_type,
+                background=BackgroundTask(response.aclose),
+            )
+        return Response(await response.aread(), status_code=response.status_code, media_type=content_type)
 
     async def healthz(request: Request) -> Response:
         return Response(b'{"status":"ok"}', media_type="application/json")
@@ -140,7 +50,7 @@ def create_raw_app(upstream: str) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
-        client.close()
+        await client.aclose()
 
     return Starlette(
         routes=[

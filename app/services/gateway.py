@@ -8,7 +8,7 @@ come back byte for byte; a stream is relayed chunk by chunk as it arrives.
 """
 
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +19,7 @@ from app.core.errors import AppError, InvalidRequestError, ServiceUnavailableErr
 from app.core.logging import get_logger
 from app.core.security import Principal
 from app.db.database import SessionFactory
+from app.services.http_client import Response
 from app.services.openai import Attempt, normalize_usage
 from app.services.proxy import Proxy, UpstreamFailure
 from app.services.stored import save_completion, validate_metadata
@@ -134,156 +135,142 @@ def _headers(upstream: Any, started: float, upstream_ms: float) -> dict[str, str
     return headers
 
 
-async def chat_completions(
-    raw: bytes,
-    principal: Principal,
-    proxy: Proxy | None,
-    accounting: Accounting,
-    ledger: LedgerWriter,
-    factory: SessionFactory,
-    started: float,
-) -> Relay:
-    """Relay one chat completion (whole or streamed) and account for it."""
-    call, body = _parse(raw, principal)
-    if proxy is None:
-        raise ServiceUnavailableError(
-            "No model provider is configured. Set OPENAI_API_KEY (and OPENAI_BASE_URL) and restart the service.",
-            code="upstream_not_configured",
+class Gateway:
+    """Relays `/v1/chat/completions` calls and accounts for them (one per app)."""
+
+    def __init__(
+        self, proxy: Proxy | None, accounting: Accounting, ledger: LedgerWriter, factory: SessionFactory
+    ) -> None:
+        self.proxy = proxy
+        self.accounting = accounting
+        self.ledger = ledger
+        self.factory = factory
+
+    async def chat_completions(self, raw: bytes, principal: Principal, started: float) -> Relay:
+        """Relay one chat completion (whole or streamed) and account for it."""
+        call, body = _parse(raw, principal)
+        if self.proxy is None:
+            raise ServiceUnavailableError(
+                "No model provider is configured. Set OPENAI_API_KEY (and OPENAI_BASE_URL) and restart the service.",
+                code="upstream_not_configured",
+            )
+        stream = call.payload.get("stream") is True
+        upstream_started = time.perf_counter()
+        try:
+            response, attempt = await self.proxy.post("chat/completions", body, call.failed, stream=stream)
+        except UpstreamFailure as failure:
+            self.record(call, None, None, "", stream=stream)
+            headers = _headers(failure.headers, started, (time.perf_counter() - upstream_started) * 1000)
+            if failure.status_code != 429:
+                headers["x-should-retry"] = "false"
+            return Relay(failure.status_code, headers, failure.body)
+        except AppError:
+            self.record(call, None, None, "", stream=stream)
+            raise
+        upstream_ms = (time.perf_counter() - upstream_started) * 1000
+        if stream:
+            headers = _headers(response.headers, started, upstream_ms)
+            return Relay(200, headers, chunks=self._relay(response, call, attempt))
+
+        content = response.content
+        try:
+            completion = orjson.loads(content)
+        except orjson.JSONDecodeError:
+            completion = {}
+        if not isinstance(completion, dict):
+            completion = {}
+        text = _first_content(completion)
+        self.record(call, attempt, completion.get("usage"), text, stream=False, served=completion.get("model"))
+        if call.store and "id" in completion:
+            async with self.factory() as session:
+                await save_completion(session, call.principal, call.payload, completion, call.metadata)
+        return Relay(response.status_code, _headers(response.headers, started, upstream_ms), content)
+
+    def record(
+        self,
+        call: _Call,
+        attempt: Attempt | None,
+        usage: dict[str, Any] | None,
+        text: str,
+        *,
+        stream: bool,
+        served: str | None = None,
+    ) -> None:
+        """Queue the call's ledger rows: its failed attempts, then the final one (if any)."""
+        final = None
+        if attempt is not None:
+            model = served or call.model
+            counted = normalize_usage(usage) if usage else self.accounting.estimate(model, call.messages, text)
+            final = (attempt, model, counted)
+        rows = self.accounting.rows(
+            call.context, model_requested=call.model, failed=call.failed, stream=stream, final=final
         )
-    stream = call.payload.get("stream") is True
-    upstream_started = time.perf_counter()
-    try:
-        response, attempt = await proxy.post("chat/completions", body, call.failed, stream=stream)
-    except UpstreamFailure as failure:
-        _record(accounting, ledger, call, None, None, "", stream=stream)
-        headers = _headers(failure.headers, started, (time.perf_counter() - upstream_started) * 1000)
-        if failure.status_code != 429:
-            headers["x-should-retry"] = "false"
-        return Relay(failure.status_code, headers, failure.body)
-    except AppError:
-        _record(accounting, ledger, call, None, None, "", stream=stream)
-        raise
-    upstream_ms = (time.perf_counter() - upstream_started) * 1000
-    if stream:
-        headers = _headers(response.headers, started, upstream_ms)
-        return Relay(200, headers, chunks=_relay(response, call, attempt, accounting, ledger, factory))
+        for row in rows:
+            self.ledger.add(row)
 
-    content = response.content
-    try:
-        completion = orjson.loads(content)
-    except orjson.JSONDecodeError:
-        completion = {}
-    usage = completion.get("usage") if isinstance(completion, dict) else None
-    text = _first_content(completion)
-    _record(accounting, ledger, call, attempt, usage, text, stream=False, served=completion.get("model"))
-    if call.store and isinstance(completion, dict) and "id" in completion:
-        async with factory() as session:
-            await save_completion(session, call.principal, call.payload, completion, call.metadata)
-    return Relay(response.status_code, _headers(response.headers, started, upstream_ms), content)
+    async def _relay(self, response: Response, call: _Call, attempt: Attempt) -> AsyncIterator[bytes]:
+        """Pass events through as they arrive; count the stream however it ends.
+
+        The events that arrive together (one read from the upstream) go out
+        together, in one write. The stream is counted (and stored) before its
+        last event goes out, so a client that has read `[DONE]` (or the error)
+        already finds the call in its stats and its stored completions.
+        """
+        state = _StreamState()
+        settle = _Settlement(self, call, attempt, state)
+        try:
+            while True:
+                try:
+                    piece = await anext(response)
+                except StopAsyncIteration:
+                    break
+                except Exception as exc:  # the upstream connection broke off
+                    if not state.done:  # after [DONE] the reply is whole, however the connection ends
+                        settle.error = UpstreamError(
+                            "The upstream connection broke off in the middle of the reply.",
+                            code="upstream_stream_broken",
+                        )
+                        log.warning("upstream_stream_broken", extra={"error": type(exc).__name__})
+                    break
+                out = state.take(piece, call.wants_usage, attempt)
+                if state.done and not settle.settled:
+                    await settle()
+                if out:
+                    yield out
+            if settle.error is None and not state.done:
+                settle.error = UpstreamError(
+                    "The upstream ended the stream without [DONE].", code="upstream_stream_broken"
+                )
+            if settle.error is not None:
+                attempt.status_code, attempt.error_code = settle.error.status_code, settle.error.code
+                await settle()
+                yield b"data: " + orjson.dumps(settle.error.body()) + b"\n\n"
+        except BaseException:
+            if not settle.settled:
+                attempt.status_code, attempt.error_code = 499, "client_disconnected"
+            raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                await response.aclose()
+                if not settle.settled:
+                    await settle()
 
 
-def _first_content(completion: Any) -> str:
+def _first_content(completion: dict[str, Any]) -> str:
     try:
         return str(completion["choices"][0]["message"]["content"] or "")
     except (KeyError, IndexError, TypeError):
         return ""
 
 
-def _record(
-    accounting: Accounting,
-    ledger: LedgerWriter,
-    call: _Call,
-    attempt: Attempt | None,
-    usage: dict[str, Any] | None,
-    text: str,
-    *,
-    stream: bool,
-    served: str | None = None,
-) -> None:
-    final = None
-    if attempt is not None:
-        model = served or call.model
-        counted = normalize_usage(usage) if usage else accounting.estimate(model, call.messages, text)
-        final = (attempt, model, counted)
-    for row in accounting.rows(
-        call.context, model_requested=call.model, failed=call.failed, stream=stream, final=final
-    ):
-        ledger.add(row)
-
-
-async def _events(response: Any) -> AsyncGenerator[bytes, None]:
-    """The upstream's server-sent events, each whole (with its closing blank line)."""
-    buffer = b""
-    async for piece in response.aiter_bytes():
-        buffer += piece
-        while (end := buffer.find(b"\n\n")) >= 0:
-            event, buffer = buffer[: end + 2], buffer[end + 2 :]
-            yield event
-
-
-async def _relay(
-    response: Any,
-    call: _Call,
-    attempt: Attempt,
-    accounting: Accounting,
-    ledger: LedgerWriter,
-    factory: SessionFactory,
-) -> AsyncIterator[bytes]:
-    """Pass events through as they arrive; count the stream however it ends.
-
-    The stream is counted (and stored) before its last event goes out, so a
-    client that has read `[DONE]` (or the error) already finds the call in its
-    stats and its stored completions.
-    """
-    state = _StreamState()
-    settle = _Settlement(call, attempt, state, accounting, ledger, factory)
-    events = _events(response)
-    try:
-        while True:
-            try:
-                event = await anext(events)
-            except StopAsyncIteration:
-                break
-            except Exception as exc:  # the upstream connection broke off
-                if not state.done:  # after [DONE] the reply is whole, however the connection ends
-                    settle.error = UpstreamError(
-                        "The upstream connection broke off in the middle of the reply.", code="upstream_stream_broken"
-                    )
-                    log.warning("upstream_stream_broken", extra={"error": type(exc).__name__})
-                break
-            out = state.see(event, call.wants_usage, attempt)
-            if state.done and not settle.settled:
-                await settle()
-            if out:
-                yield out
-        if settle.error is None and not state.done:
-            settle.error = UpstreamError("The upstream ended the stream without [DONE].", code="upstream_stream_broken")
-        if settle.error is not None:
-            attempt.status_code, attempt.error_code = settle.error.status_code, settle.error.code
-            await settle()
-            yield b"data: " + orjson.dumps(settle.error.body()) + b"\n\n"
-    except BaseException:
-        if not settle.settled:
-            attempt.status_code, attempt.error_code = 499, "client_disconnected"
-        raise
-    finally:
-        with anyio.CancelScope(shield=True):
-            await events.aclose()
-            await response.aclose()
-            if not settle.settled:
-                await settle()
-
-
 @dataclass(slots=True)
 class _Settlement:
     """Counts a relayed stream (and stores it, if asked and whole), once."""
 
+    gateway: Gateway
     call: _Call
     attempt: Attempt
     state: "_StreamState"
-    accounting: Accounting
-    ledger: LedgerWriter
-    factory: SessionFactory
     error: AppError | None = None
     settled: bool = False
 
@@ -292,9 +279,9 @@ class _Settlement:
         call, attempt, state = self.call, self.attempt, self.state
         attempt.latency_ms = round((time.perf_counter() - attempt.clock) * 1000, 3)
         text = "".join(state.content)
-        _record(self.accounting, self.ledger, call, attempt, state.usage, text, stream=True, served=state.model)
+        self.gateway.record(call, attempt, state.usage, text, stream=True, served=state.model)
         if call.store and state.completion_id and state.done and self.error is None:
-            async with self.factory() as session:
+            async with self.gateway.factory() as session:
                 await save_completion(session, call.principal, call.payload, state.completion(), call.metadata)
 
 
@@ -309,6 +296,19 @@ class _StreamState:
         self.created: int | None = None
         self.finish_reason: str | None = None
         self.done = False
+        self._buffer = b""
+
+    def take(self, piece: bytes, wants_usage: bool, attempt: Attempt) -> bytes:
+        """What to relay of the next piece of the upstream's body: its whole events, as the client gets them."""
+        buffer = self._buffer + piece
+        out, start = [], 0
+        while (end := buffer.find(b"\n\n", start)) >= 0:
+            relayed = self.see(buffer[start : end + 2], wants_usage, attempt)
+            start = end + 2
+            if relayed is not None:
+                out.append(relayed)
+        self._buffer = buffer[start:]
+        return b"".join(out)
 
     def see(self, event: bytes, wants_usage: bool, attempt: Attempt) -> bytes | None:
         """Note what an event says; return it as the client should get it (None: drop it)."""

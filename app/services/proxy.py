@@ -1,23 +1,25 @@
-"""A lean HTTP client for the `/v1` pass-through.
+"""Raw access to the upstream for the `/v1` pass-through.
 
 The drop-in endpoint relays the upstream's bytes rather than rebuilding them,
-so it talks to the upstream with a plain `httpx2.AsyncClient` (no SDK models
-to parse and re-serialise on every chunk). Retries follow the same policy as
-the SDK path (`app/services/retries.py`): at most `1 + OPENAI_MAX_RETRIES`
-attempts, `retry-after` honoured, never after a stream's body has begun.
+so it talks to the upstream with the lean client in `http_client.py` (no SDK
+models to parse and re-serialise on every chunk, and a fraction of httpx2's
+CPU). Retries follow the same policy as the SDK path (`app/services/retries.py`):
+at most `1 + OPENAI_MAX_RETRIES` attempts, `retry-after` honoured, never after a
+stream's body has begun.
 """
 
 import asyncio
 import time
+from collections.abc import Mapping
 from typing import Annotated
 
-import httpx2
 from fastapi import Depends, Request
 
 from app.core.config import Settings
 from app.core.errors import AppError, RateLimitError, UpstreamError, UpstreamTimeoutError
 from app.core.logging import get_logger
 from app.db.models import utcnow
+from app.services.http_client import HTTPClient, Response, TransportError, TransportTimeout
 from app.services.openai import Attempt
 from app.services.retries import retry_delay
 
@@ -29,10 +31,10 @@ MODELS_TTL_SECONDS = 60.0
 class UpstreamFailure(Exception):
     """The upstream answered with an error status; its bytes are kept to relay."""
 
-    def __init__(self, response: httpx2.Response, body: bytes) -> None:
-        super().__init__(f"upstream answered {response.status_code}")
-        self.status_code = response.status_code
-        self.headers = response.headers
+    def __init__(self, status_code: int, headers: Mapping[str, str], body: bytes) -> None:
+        super().__init__(f"upstream answered {status_code}")
+        self.status_code = status_code
+        self.headers = headers
         self.body = body
 
 
@@ -41,45 +43,43 @@ class Proxy:
 
     def __init__(self, settings: Settings, base_url: str, api_key: str) -> None:
         self._settings = settings
-        self._client = httpx2.AsyncClient(
-            base_url=base_url.rstrip("/") + "/",
-            headers={"authorization": f"Bearer {api_key}", "content-type": "application/json"},
-            timeout=httpx2.Timeout(settings.openai_timeout, connect=min(settings.openai_timeout, 10.0)),
-            limits=httpx2.Limits(max_connections=256, max_keepalive_connections=64),
+        self._client = HTTPClient(
+            base_url,
+            {"authorization": f"Bearer {api_key}", "content-type": "application/json"},
+            timeout=settings.openai_timeout,
+            connect_timeout=min(settings.openai_timeout, 10.0),
         )
         self._models: tuple[float, bytes] | None = None
 
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def post(
-        self, path: str, body: bytes, failed: list[Attempt], *, stream: bool
-    ) -> tuple[httpx2.Response, Attempt]:
+    async def post(self, path: str, body: bytes, failed: list[Attempt], *, stream: bool) -> tuple[Response, Attempt]:
         """POST with retries; returns a successful response (streaming: headers only, body unread)."""
         attempts = 1 + self._settings.openai_max_retries
         for number in range(attempts):
             started_at, started = utcnow(), time.perf_counter()
-            request = self._client.build_request("POST", path, content=body)
+            failure: UpstreamFailure | None = None
+            status: int | None = None
+            headers: Mapping[str, str] | None = None
             try:
-                response = await self._client.send(request, stream=True)
-            except httpx2.TimeoutException as exc:
+                response = await self._client.request("POST", path, body)
+                if response.status_code >= 400:
+                    status, headers = response.status_code, response.headers
+                    failure = UpstreamFailure(status, headers, await response.aread())
+                elif not stream:
+                    await response.aread()
+            except TransportTimeout as exc:
                 error: AppError = UpstreamTimeoutError("The upstream model did not answer in time.")
-                failure: UpstreamFailure | None = None
-                status, headers = None, None
                 cause: Exception = exc
-            except httpx2.HTTPError as exc:
+            except TransportError as exc:
                 error = UpstreamError("Could not reach the upstream model provider.", code="upstream_unreachable")
-                failure, status, headers, cause = None, None, None, exc
+                cause = exc
             else:
-                if response.status_code < 400:
-                    if not stream:
-                        await response.aread()
+                if failure is None:
                     attempt = Attempt(started_at, _elapsed_ms(started), response.status_code, clock=started)
                     attempt.request_id = response.headers.get("x-request-id")
                     return response, attempt
-                failure = UpstreamFailure(response, await response.aread())
-                await response.aclose()
-                status, headers = response.status_code, response.headers
                 error, cause = relayable(failure), failure
             request_id = headers.get("x-request-id") if headers else None
             failed.append(
@@ -100,15 +100,16 @@ class Proxy:
         if self._models is not None and now - self._models[0] < MODELS_TTL_SECONDS:
             return self._models[1]
         try:
-            response = await self._client.get("models")
-        except httpx2.TimeoutException as exc:
+            response = await self._client.request("GET", "models")
+            content = await response.aread()
+        except TransportTimeout as exc:
             raise UpstreamTimeoutError("The upstream model did not answer in time.") from exc
-        except httpx2.HTTPError as exc:
+        except TransportError as exc:
             raise UpstreamError("Could not reach the upstream model provider.", code="upstream_unreachable") from exc
         if response.status_code >= 400:
-            raise relayable(UpstreamFailure(response, response.content))
-        self._models = (now, response.content)
-        return response.content
+            raise relayable(UpstreamFailure(response.status_code, response.headers, content))
+        self._models = (now, content)
+        return content
 
 
 def relayable(failure: UpstreamFailure) -> AppError:

@@ -2,9 +2,9 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Query, status
-from fastapi.responses import StreamingResponse
 
 from app.core.security import CurrentPrincipal
+from app.core.streaming import StreamResponse
 from app.db.database import SessionDep
 from app.db.models import Message
 from app.schemas.chat import (
@@ -88,11 +88,11 @@ async def send_message(
     principal: CurrentPrincipal,
     session: SessionDep,
     runtime: ChatRuntimeDep,
-) -> SendResult | StreamingResponse:
+) -> SendResult | StreamResponse:
     """Send a message and get the model's reply, whole or (with `stream: true`) as server-sent events."""
     if data.stream:
         events = await messages.start_stream(session, runtime, principal, chat_id, data)
-        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+        return StreamResponse(events, headers=SSE_HEADERS)
     return await messages.send_message(session, runtime, principal, chat_id, data)
 
 
@@ -108,7 +108,7 @@ async def update_message(
     principal: CurrentPrincipal,
     session: SessionDep,
     runtime: ChatRuntimeDep,
-) -> MessageRead | SendResult | StreamingResponse:
+) -> MessageRead | SendResult | StreamResponse:
     """Pin or unpin a message; new content for a user message makes a sibling branch (`reply` answers it)."""
     result = await messages.edit_message(session, runtime, principal, chat_id, message_id, data)
     return _respond(result)
@@ -126,17 +126,17 @@ async def regenerate_reply(
     principal: CurrentPrincipal,
     session: SessionDep,
     runtime: ChatRuntimeDep,
-) -> SendResult | StreamingResponse:
+) -> SendResult | StreamResponse:
     """A new reply to the same turn, as a sibling of this one (which leaves the current branch)."""
     result = await messages.regenerate(session, runtime, principal, chat_id, message_id, data)
     if isinstance(result, SendResult):
         return result
-    return StreamingResponse(result, media_type="text/event-stream", headers=SSE_HEADERS)
+    return StreamResponse(result, headers=SSE_HEADERS)
 
 
-def _respond(result: Message | SendResult | AsyncIterator[bytes]) -> MessageRead | SendResult | StreamingResponse:
+def _respond(result: Message | SendResult | AsyncIterator[bytes]) -> MessageRead | SendResult | StreamResponse:
     if isinstance(result, Message):
         return messages.message_read(result)
     if isinstance(result, SendResult):
         return result
-    return StreamingResponse(result, media_type="text/event-stream", headers=SSE_HEADERS)
+    return StreamResponse(result, headers=SSE_HEADERS)

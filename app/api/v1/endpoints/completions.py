@@ -5,16 +5,17 @@ from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from pydantic import BaseModel
 
 from app.core.errors import NotFoundError, ServiceUnavailableError
 from app.core.security import CurrentPrincipal
-from app.db.database import SessionDep, SessionFactoryDep
+from app.core.streaming import StreamResponse
+from app.db.database import SessionDep
 from app.schemas.common import Deleted, ListParams, Page
-from app.services import gateway, stored
+from app.services import stored
+from app.services.gateway import Gateway
 from app.services.proxy import ProxyDep
-from app.services.usage import AccountingDep, LedgerDep
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 
@@ -27,19 +28,14 @@ JSON_BODY: dict[str, Any] = {
 
 
 @router.post("/chat/completions", openapi_extra=JSON_BODY, response_model=None)
-async def create_chat_completion(
-    request: Request,
-    principal: CurrentPrincipal,
-    proxy: ProxyDep,
-    accounting: AccountingDep,
-    ledger: LedgerDep,
-    factory: SessionFactoryDep,
-) -> Response:
+async def create_chat_completion(request: Request, principal: CurrentPrincipal) -> Response:
     """Create a chat completion exactly as OpenAI's API does, whole or streamed."""
+    # The hot path: one dependency (the key); the rest comes from the app's state.
     started = getattr(request.state, "started", None) or time.perf_counter()
-    relay = await gateway.chat_completions(await request.body(), principal, proxy, accounting, ledger, factory, started)
+    relay_gateway: Gateway = request.app.state.gateway
+    relay = await relay_gateway.chat_completions(await request.body(), principal, started)
     if relay.chunks is not None:
-        return StreamingResponse(relay.chunks, status_code=relay.status, headers=relay.headers)
+        return StreamResponse(relay.chunks, status_code=relay.status, headers=relay.headers, media_type=None)
     return Response(relay.body, status_code=relay.status, headers=relay.headers)
 
 
