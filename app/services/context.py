@@ -21,13 +21,18 @@ An assistant message that calls tools and the tool messages answering it form
 one unit: kept or dropped together. Token counts are stored with each message
 when it is written, so building a context reads only the window, newest first,
 and never re-tokenises the history.
+
+The window is read newest first, contents and stored counts together, as plain rows of
+just the columns a request needs (not ORM objects: per-row Python work is what a long
+window costs). The first page assumes large messages; each next one is sized from the
+previous page's average count, so the pages read little more than the window they fill.
 """
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from sqlalchemy import ColumnElement, func, or_, select
+from sqlalchemy import ColumnElement, Select, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.core.config import Settings
@@ -38,7 +43,10 @@ from app.services.tokens import REPLY_PRIMING_TOKENS, Tokenizer
 
 Strategy = Literal["window", "summary", "none"]
 Kind = Literal["system", "user_context", "instructions", "summary", "message"]
-PAGE = 1024  # message sizes read per query while filling the window, newest first
+PAGE = 1024  # message sizes read per query below the window (strategies `summary` and `none`)
+FIRST_PAGE_TOKENS = 512  # the first page of the window assumes messages this large, so it seldom over-reads
+MIN_PAGE = 16
+MAX_PAGE = 4096
 SUMMARY_MAX_TOKENS = 1024
 SUMMARY_OVERHEAD = 12  # the summary message's role and its heading
 UNKNOWN_TOKENIZER_MARGIN = 0.25  # extra headroom when counts are estimates (other tokenizers can need 20% more)
@@ -97,15 +105,21 @@ class _MessageFields(Protocol):
 
 def upstream_message(message: _MessageFields) -> dict[str, Any]:
     """A stored message as OpenAI's `messages` entry."""
-    out: dict[str, Any] = {"role": message.role, "content": message.content}
-    if message.name:
-        out["name"] = message.name
-    if message.tool_calls:
-        out["tool_calls"] = message.tool_calls
-        if not message.content:
+    return _upstream(message.role, message.content, message.name, message.tool_calls, message.tool_call_id)
+
+
+def _upstream(
+    role: str, content: str, name: str | None, tool_calls: list[Any] | None, tool_call_id: str | None
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": role, "content": content}
+    if name:
+        out["name"] = name
+    if tool_calls:
+        out["tool_calls"] = tool_calls
+        if not content:
             out["content"] = None
-    if message.tool_call_id:
-        out["tool_call_id"] = message.tool_call_id
+    if tool_call_id:
+        out["tool_call_id"] = tool_call_id
     return out
 
 
@@ -236,28 +250,26 @@ class ContextBuilder:
             .limit(1)
         )
 
-    def _tokens(self, message: Message, model: str) -> int:
-        if message.token_count is not None and message.token_encoding == self.encoding(model):
-            return message.token_count
-        return self.count(upstream_message(message), model)
-
     async def _pinned(self, session: AsyncSession, chat: Chat, model: str, floor: int, before_seq: int) -> list[Part]:
-        rows = await session.scalars(
-            select(Message).where(
-                Message.chat_id == chat.id,
-                Message.pinned.is_(True),
-                Message.active.is_(True),
-                Message.seq > floor,
-                Message.seq < before_seq,
-                Message.status != "error",
+        encoding = self.encoding(model)
+        rows = await session.execute(
+            select(*_ROW).where(
+                _m.chat_id == chat.id,
+                _m.pinned.is_(True),
+                _m.active.is_(True),
+                _m.seq > floor,
+                _m.seq < before_seq,
+                _m.status != "error",
             )
         )
-        return [self._part(m, model) for m in rows]
+        return [self._part(row, model, encoding, pinned=True) for row in rows]
 
-    def _part(self, message: Message, model: str) -> Part:
-        return Part(
-            "message", upstream_message(message), self._tokens(message, model), message.id, message.seq, message.pinned
-        )
+    def _part(self, row: Sequence[Any], model: str, encoding: str, *, pinned: bool = False) -> Part:
+        """A message read as `_ROW`, with its stored token count, or a fresh one if it has none for `encoding`."""
+        seq, role, count, counted_as, message_id, content, name, tool_calls, tool_call_id = row
+        message = _upstream(role, content, name, tool_calls, tool_call_id)
+        tokens = count if count is not None and counted_as == encoding else self.count(message, model)
+        return Part("message", message, tokens, message_id, seq, pinned)
 
     async def _window(
         self,
@@ -272,8 +284,9 @@ class ContextBuilder:
         """The newest unpinned messages that fit in `room`, the position below which none were kept,
         and (for `summary` and `none`) the units that did not fit, oldest first.
 
-        Two reads: the sizes of the newest messages (small rows, stored token counts) until the
-        room is full, then the contents of just the messages kept.
+        Newest first, in pages. Until the window is full each page reads the messages themselves,
+        as many as the room left holds at the previous page's average size (see `_page_size`);
+        below the window only positions and stored sizes are read, for the units that did not fit.
         """
         encoding = self.encoding(model)
         kept: list[_Sized] = []
@@ -282,22 +295,16 @@ class ContextBuilder:
         boundary: int | None = None
         newest = True
         upper = before_seq
+        page: list[_Sized] = []
         while True:
-            rows = (
-                await session.execute(
-                    select(Message.seq, Message.role, Message.token_count, Message.token_encoding)
-                    .where(*_window_filter(chat.id, floor, upper))
-                    .order_by(Message.seq.desc())
-                    .limit(PAGE)
-                )
-            ).all()
-            recount = {r.seq for r in rows if r.token_count is None or r.token_encoding != encoding}
-            counted = await self._recount(session, chat, model, recount) if recount else {}
-            for row in rows:
-                upper = row.seq
-                tokens = counted.get(row.seq, row.token_count or 0)
-                unit.add(_Sized(row.seq, row.role, tokens))
-                if row.role == "tool":
+            filling = boundary is None
+            limit = _page_size(room - unit.tokens, page) if filling else PAGE
+            read_page = self._page if filling else self._sizes
+            page = await read_page(session, chat, model, encoding, floor, upper, limit)
+            for message in page:
+                upper = message.seq
+                unit.add(message)
+                if message.role == "tool":
                     continue  # a tool result stays with the call that asked for it
                 if boundary is None and unit.tokens <= room:
                     room -= unit.tokens
@@ -308,49 +315,47 @@ class ContextBuilder:
                     if boundary is None:
                         boundary = unit.messages[0].seq + 1
                         if strategy == "window":
-                            return await self._contents(session, chat, model, kept, before_seq), boundary, []
+                            return _parts(kept), boundary, []
                     overflow.append(unit)
                 newest = False
                 unit = _Unit()
-            if len(rows) < PAGE:
+            if len(page) < limit:
                 break
         if unit.messages:  # tool messages whose call is gone: they cannot be sent alone
             boundary = boundary or unit.messages[0].seq + 1
         overflow.reverse()
         for u in overflow:
             u.messages.reverse()
-        return await self._contents(session, chat, model, kept, before_seq), boundary, overflow
+        return _parts(kept), boundary, overflow
+
+    async def _page(
+        self, session: AsyncSession, chat: Chat, model: str, encoding: str, floor: int, upper: int, limit: int
+    ) -> list["_Sized"]:
+        """The next `limit` messages the window may take below `upper`, newest first, read whole."""
+        rows = (await session.execute(_window_page(_ROW, chat.id, floor, upper, limit))).all()
+        page = []
+        for row in rows:
+            part = self._part(row, model, encoding)
+            page.append(_Sized(row[0], row[1], part.tokens, part))
+        return page
+
+    async def _sizes(
+        self, session: AsyncSession, chat: Chat, model: str, encoding: str, floor: int, upper: int, limit: int
+    ) -> list["_Sized"]:
+        """The same as `_page`, but only positions and sizes (counted afresh where none is stored for `encoding`)."""
+        rows = (await session.execute(_window_page(_SIZES, chat.id, floor, upper, limit))).all()
+        recount = {r.seq for r in rows if r.token_count is None or r.token_encoding != encoding}
+        counted = await self._recount(session, chat, model, recount) if recount else {}
+        return [_Sized(r.seq, r.role, counted.get(r.seq, r.token_count or 0)) for r in rows]
 
     async def _recount(self, session: AsyncSession, chat: Chat, model: str, seqs: set[int]) -> dict[int, int]:
         """Token counts for messages stored without one for this model's encoding."""
-        rows = await session.scalars(select(Message).where(Message.chat_id == chat.id, Message.seq.in_(seqs)))
-        return {m.seq: self.count(upstream_message(m), model) for m in rows}
-
-    async def _contents(
-        self, session: AsyncSession, chat: Chat, model: str, kept: list["_Sized"], before_seq: int
-    ) -> list[Part]:
-        """The kept messages, read in one range query (only the positions counted are used)."""
-        if not kept:
-            return []
-        tokens = {k.seq: k.tokens for k in kept}
         rows = await session.execute(
-            select(
-                Message.id,
-                Message.seq,
-                Message.role,
-                Message.content,
-                Message.name,
-                Message.tool_calls,
-                Message.tool_call_id,
+            select(_m.seq, _m.role, _m.content, _m.name, _m.tool_calls, _m.tool_call_id).where(
+                _m.chat_id == chat.id, _m.seq.in_(seqs)
             )
-            .where(Message.chat_id == chat.id, Message.seq >= min(tokens), Message.seq < before_seq)
-            .order_by(Message.seq)
         )
-        return [
-            Part("message", upstream_message(row), tokens[row.seq], row.id, row.seq, False)
-            for row in rows
-            if row.seq in tokens
-        ]
+        return {row[0]: self.count(_upstream(*row[1:]), model) for row in rows}
 
     async def dropped_count(self, session: AsyncSession, chat: Chat, plan: Plan) -> int:
         """How many messages fall below the plan's window (for the dry run; the send path skips this)."""
@@ -370,25 +375,53 @@ class ContextBuilder:
         return int(count or 0)
 
 
+# Core columns, not ORM attributes: rows come back as plain tuples, without the ORM's per-row work.
+_m = Message.__table__.c
+_SIZES = (_m.seq, _m.role, _m.token_count, _m.token_encoding)
+_ROW = (*_SIZES, _m.id, _m.content, _m.name, _m.tool_calls, _m.tool_call_id)  # what `_part` reads
+
+
 @dataclass(frozen=True, slots=True)
 class _Sized:
-    """A message's position, role and tokens: all the window needs to decide."""
+    """A message's position, role and tokens: all the window needs to decide (and its part, once read)."""
 
     seq: int
     role: str
     tokens: int
+    part: Part | None = None
+
+
+def _parts(kept: list[_Sized]) -> list[Part]:
+    """The kept messages' parts, oldest first."""
+    return [k.part for k in reversed(kept) if k.part is not None]
+
+
+def _page_size(room: int, previous: list[_Sized]) -> int:
+    """Messages the window's next page reads: as many as `room` holds at the average size of the
+    `previous` page (the nearest guide to the next one), plus a sixteenth and MIN_PAGE to spare;
+    before any page, as many as it holds at FIRST_PAGE_TOKENS a message."""
+    tokens = sum(m.tokens for m in previous)
+    if not tokens:
+        return min(max(room // FIRST_PAGE_TOKENS, MIN_PAGE), MAX_PAGE)
+    rows = max(room, 0) * len(previous) // tokens
+    return min(rows + rows // 16 + MIN_PAGE, MAX_PAGE)
+
+
+def _window_page(columns: Sequence[Any], chat_id: str, floor: int, upper: int, limit: int) -> Select[Any]:
+    """The next `limit` messages the window may take below position `upper`, newest first."""
+    return select(*columns).where(*_window_filter(chat_id, floor, upper)).order_by(_m.seq.desc()).limit(limit)
 
 
 def _window_filter(chat_id: str, floor: int, upper: int) -> list[ColumnElement[bool]]:
     """Messages the window may take: on the branch, not failed, not pinned (those come anyway), not empty."""
     return [
-        Message.chat_id == chat_id,
-        Message.active.is_(True),
-        Message.seq > floor,
-        Message.seq < upper,
-        Message.status != "error",
-        Message.pinned.is_(False),
-        or_(Message.content != "", Message.tool_calls.is_not(None)),
+        _m.chat_id == chat_id,
+        _m.active.is_(True),
+        _m.seq > floor,
+        _m.seq < upper,
+        _m.status != "error",
+        _m.pinned.is_(False),
+        or_(_m.content != "", _m.tool_calls.is_not(None)),
     ]
 
 
