@@ -22,7 +22,7 @@ class ThreadedServer:
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(
             app,
-            loop="asyncio",
+            loop="auto",  # uvloop, as `python main.py serve` runs
             lifespan=lifespan,  # type: ignore[arg-type]
             log_config=None,
             access_log=False,

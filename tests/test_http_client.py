@@ -8,16 +8,18 @@ headers, keep-alive reuse, timeouts, broken connections, back-pressure and TLS.
 import asyncio
 import ssl
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+import uvloop
 
 from app.services import http_client
 from app.services.http_client import HTTPClient, TransportError, TransportTimeout
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+Runner = Callable[[Coroutine[None, None, None]], None]
 
 
 class Server:
@@ -91,11 +93,18 @@ def keep_alive_json(body: bytes = b'{"ok":true}', status: bytes = b"200 OK") -> 
     return make
 
 
-def run(coroutine: Awaitable[None]) -> None:
-    asyncio.run(coroutine)  # type: ignore[arg-type]
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run(request: pytest.FixtureRequest) -> Callable[[Coroutine[None, None, None]], None]:
+    """Runs a test's coroutine on asyncio's own loop, then on uvloop (what uvicorn picks in production)."""
+    runner = asyncio.run if request.param == "asyncio" else uvloop.run
+
+    def run(coroutine: Coroutine[None, None, None]) -> None:
+        runner(coroutine)
+
+    return run
 
 
-def test_post_sends_the_body_and_fixed_headers_and_reads_the_whole_response() -> None:
+def test_post_sends_the_body_and_fixed_headers_and_reads_the_whole_response(run: Runner) -> None:
     async def main() -> None:
         async with serve(keep_alive_json(b'{"id":"x"}', b"201 Created")) as server:
             client = client_for(server)
@@ -122,7 +131,7 @@ def test_post_sends_the_body_and_fixed_headers_and_reads_the_whole_response() ->
     run(main())
 
 
-def test_a_get_has_no_body_and_keep_alive_reuses_one_connection() -> None:
+def test_a_get_has_no_body_and_keep_alive_reuses_one_connection(run: Runner) -> None:
     async def main() -> None:
         async with serve(keep_alive_json()) as server:
             client = client_for(server)
@@ -137,7 +146,7 @@ def test_a_get_has_no_body_and_keep_alive_reuses_one_connection() -> None:
     run(main())
 
 
-def test_concurrent_requests_use_separate_connections_up_to_the_limit() -> None:
+def test_concurrent_requests_use_separate_connections_up_to_the_limit(run: Runner) -> None:
     async def main() -> None:
         gate = asyncio.Event()
 
@@ -167,7 +176,7 @@ def test_concurrent_requests_use_separate_connections_up_to_the_limit() -> None:
     run(main())
 
 
-def test_chunked_stream_arrives_piece_by_piece_as_sent() -> None:
+def test_chunked_stream_arrives_piece_by_piece_as_sent(run: Runner) -> None:
     async def main() -> None:
         release = asyncio.Event()
 
@@ -197,7 +206,7 @@ def test_chunked_stream_arrives_piece_by_piece_as_sent() -> None:
     run(main())
 
 
-def test_a_connection_that_breaks_mid_body_raises_and_is_not_reused() -> None:
+def test_a_connection_that_breaks_mid_body_raises_and_is_not_reused(run: Runner) -> None:
     async def main() -> None:
         def make(server: Server) -> Handler:
             async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -225,7 +234,7 @@ def test_a_connection_that_breaks_mid_body_raises_and_is_not_reused() -> None:
     run(main())
 
 
-def test_read_timeout_for_headers_and_between_pieces() -> None:
+def test_read_timeout_for_headers_and_between_pieces(run: Runner) -> None:
     async def main() -> None:
         def make(server: Server) -> Handler:
             async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -251,7 +260,7 @@ def test_read_timeout_for_headers_and_between_pieces() -> None:
     run(main())
 
 
-def test_connect_failure_is_a_transport_error() -> None:
+def test_connect_failure_is_a_transport_error(run: Runner) -> None:
     async def main() -> None:
         async with serve(keep_alive_json()) as server:
             port = server.port
@@ -263,7 +272,7 @@ def test_connect_failure_is_a_transport_error() -> None:
     run(main())
 
 
-def test_a_stale_kept_alive_connection_is_retried_once_on_a_fresh_one() -> None:
+def test_a_stale_kept_alive_connection_is_retried_once_on_a_fresh_one(run: Runner) -> None:
     async def main() -> None:
         def make(server: Server) -> Handler:
             async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -288,7 +297,7 @@ def test_a_stale_kept_alive_connection_is_retried_once_on_a_fresh_one() -> None:
     run(main())
 
 
-def test_connection_close_and_idle_expiry_open_new_connections() -> None:
+def test_connection_close_and_idle_expiry_open_new_connections(run: Runner) -> None:
     async def main() -> None:
         def make(server: Server) -> Handler:
             async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -311,7 +320,7 @@ def test_connection_close_and_idle_expiry_open_new_connections() -> None:
     run(main())
 
 
-def test_a_response_closed_early_frees_its_slot_and_drops_its_connection() -> None:
+def test_a_response_closed_early_frees_its_slot_and_drops_its_connection(run: Runner) -> None:
     async def main() -> None:
         def make(server: Server) -> Handler:
             async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -333,7 +342,7 @@ def test_a_response_closed_early_frees_its_slot_and_drops_its_connection() -> No
     run(main())
 
 
-def test_a_slow_reader_pauses_the_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_slow_reader_pauses_the_socket(run: Runner, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(http_client, "HIGH_WATER", 64 * 1024)
     monkeypatch.setattr(http_client, "LOW_WATER", 16 * 1024)
     total = 32 * 1024 * 1024  # more than the kernel buffers on both sides can hold
@@ -366,7 +375,7 @@ def test_a_slow_reader_pauses_the_socket(monkeypatch: pytest.MonkeyPatch) -> Non
     run(main())
 
 
-def test_a_malformed_response_is_a_transport_error() -> None:
+def test_a_malformed_response_is_a_transport_error(run: Runner) -> None:
     async def main() -> None:
         def make(server: Server) -> Handler:
             async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -393,7 +402,7 @@ def test_line_breaks_in_fixed_headers_are_refused() -> None:
         HTTPClient("ftp://example.com/", {}, timeout=1, connect_timeout=1)
 
 
-def test_https_verifies_the_certificate(tmp_path: Path) -> None:
+def test_https_verifies_the_certificate(run: Runner, tmp_path: Path) -> None:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",

@@ -27,7 +27,7 @@ import asyncio
 import ssl
 import time
 from collections import deque
-from typing import Self
+from typing import Self, cast
 from urllib.parse import urlsplit
 
 import certifi
@@ -208,8 +208,7 @@ class _Connection(asyncio.Protocol):
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is no asyncio.Transport subclass
 
     def data_received(self, data: bytes) -> None:
         response = self._response
