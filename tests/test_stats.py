@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
 from app.db.models import UsageRecord
 from app.services.tokens import Tokenizer
+from app.services.usage import record_usage
 from tests.conftest import Caller
 from tests.fake_upstream import FakeUpstream
 from tests.sse import collect, events
@@ -38,7 +39,7 @@ async def _insert(database_url: str, rows: list[dict[str, Any]]) -> None:
     engine = create_async_engine(database_url)
     try:
         async with async_sessionmaker(engine)() as session:
-            session.add_all(UsageRecord(**row) for row in rows)
+            await record_usage(session, rows)
             await session.commit()
     finally:
         await engine.dispose()
@@ -54,16 +55,23 @@ def row(user_id: str, at: int, **fields: Any) -> dict[str, Any]:
         "user_id": user_id,
         "api_key_id": "key_a",
         "chat_id": None,
+        "message_id": None,
         "endpoint": "chat.message",
         "model_requested": "gpt-4o-mini",
         "model": "gpt-4o-mini",
+        "stream": False,
+        "attempt": 1,
         "input_tokens": 10,
         "cached_tokens": 0,
         "output_tokens": 5,
         "reasoning_tokens": 0,
         "cost_usd": Decimal("0.000004500"),
         "latency_ms": 100.0,
+        "catalog_version": None,
+        "ttft_ms": None,
         "status_code": 200,
+        "error_type": None,
+        "upstream_request_id": None,
         "source": "reported",
     }
     return values | fields

@@ -9,6 +9,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    Column,
     DateTime,
     Float,
     ForeignKey,
@@ -17,6 +18,7 @@ from sqlalchemy import (
     MetaData,
     Numeric,
     String,
+    Table,
     Text,
     TypeDecorator,
     UniqueConstraint,
@@ -214,6 +216,61 @@ class UsageRecord(Base):
     upstream_request_id: Mapped[str | None] = mapped_column(String(128))
     # reported (the upstream's usage) | estimated (counted here) | none (no tokens consumed)
     source: Mapped[str] = mapped_column(String(16))
+
+
+# Latency and time-to-first-token histograms of the usage rollups, in ms: bin 0 counts [0, 1),
+# bin i counts [BOUNDS[i - 1], BOUNDS[i]) (each bound 1.2 times the last), and the last bin
+# everything from BOUNDS[-1] (about 10 minutes) up. Changing them means rebuilding the rollups.
+HISTOGRAM_BOUNDS_MS: tuple[float, ...] = tuple(round(1.2**i, 3) for i in range(74))
+HISTOGRAM_BINS = len(HISTOGRAM_BOUNDS_MS) + 1
+LATENCY_BINS = tuple(f"latency_b{i:02d}" for i in range(HISTOGRAM_BINS))
+TTFT_BINS = tuple(f"ttft_b{i:02d}" for i in range(HISTOGRAM_BINS))
+# The rollups' periods in seconds: every ledger row is counted in its hour and in its day (UTC).
+ROLLUP_PERIODS = (3600, 86400)
+# The counters summed from ledger rows, in the order stats reads them.
+ROLLUP_COUNTERS = (
+    "requests",
+    "errors",
+    "input_tokens",
+    "output_tokens",
+    "cached_tokens",
+    "reasoning_tokens",
+    "estimated",
+    "cost_usd",
+    "unpriced",
+    "unpriced_input_tokens",
+    "unpriced_output_tokens",
+)
+
+# The usage ledger summed per hour and per day, per user, key and model served: what
+# `/stats` reads instead of the ledger's rows wherever a query covers whole periods.
+# Written in the same transaction as the ledger rows it sums (app.services.usage.record_usage),
+# by upserts that add increments. A Core table: it is only ever summed, never loaded as objects.
+usage_rollups = Table(
+    "usage_rollups",
+    Base.metadata,
+    Column("period", Integer, primary_key=True),  # 3600 or 86400
+    # Unix seconds, a multiple of `period`: the key must compare equal on every backend.
+    Column("period_start", BigInteger, primary_key=True),
+    Column("user_id", String(40), primary_key=True),
+    # "" for calls made without a key: a primary key column cannot be NULL.
+    Column("api_key_id", String(40), primary_key=True),
+    Column("model", String(128), primary_key=True),
+    Column("requests", BigInteger, nullable=False),
+    Column("errors", BigInteger, nullable=False),  # status_code >= 400
+    Column("input_tokens", BigInteger, nullable=False),
+    Column("output_tokens", BigInteger, nullable=False),
+    Column("cached_tokens", BigInteger, nullable=False),
+    Column("reasoning_tokens", BigInteger, nullable=False),
+    Column("estimated", BigInteger, nullable=False),  # source = 'estimated'
+    Column("cost_usd", Numeric(20, 10), nullable=False),  # the sum of the priced rows' costs
+    Column("unpriced", BigInteger, nullable=False),  # rows with cost_usd NULL, and their tokens
+    Column("unpriced_input_tokens", BigInteger, nullable=False),
+    Column("unpriced_output_tokens", BigInteger, nullable=False),
+    *(Column(name, Integer, nullable=False) for name in LATENCY_BINS),
+    *(Column(name, Integer, nullable=False) for name in TTFT_BINS),  # streams only (ttft_ms set)
+    Index("ix_usage_rollups_user_period", "user_id", "period", "period_start"),
+)
 
 
 class StoredCompletion(Base):

@@ -12,6 +12,14 @@ BUCKET_SECONDS: dict[str, int] = {"1m": 60, "1h": 3600, "1d": 86400}
 # OpenAI's defaults and maxima for the number of buckets in one page.
 BUCKET_LIMITS: dict[str, tuple[int, int]] = {"1m": (60, 1440), "1h": (24, 168), "1d": (7, 31)}
 CsvList = Annotated[SafeText, Field(max_length=2000)]
+# Where latency percentiles come from: the ledger's values, or the rollups' histograms (within 20%).
+PercentileSource = Literal["exact", "histogram"]
+PERCENTILES_FIELD = Field(
+    description="`exact`: from every call's value (`percentile_cont`). `histogram`: estimated from the hourly and "
+    "daily rollups' log-scale histograms, within one bin (20%) of the exact value; used whenever a bucket holds a "
+    "whole UTC hour, unless grouped or filtered by chat_id or in 1m buckets. Counts, tokens and cost are exact "
+    "either way."
+)
 
 
 class UsageQuery(BaseModel):
@@ -64,6 +72,7 @@ class UsagePage(BaseModel):
     data: list[UsageBucket]
     has_more: bool
     next_page: str | None
+    latency_percentiles: PercentileSource = PERCENTILES_FIELD
 
 
 class Percentiles(BaseModel):
@@ -101,5 +110,6 @@ class UsageSummary(BaseModel):
     cost_usd: float
     latency_ms: Percentiles
     time_to_first_token_ms: Percentiles
+    latency_percentiles: PercentileSource = PERCENTILES_FIELD
     top_models: list[ModelTotals]
     unpriced: list[UnpricedTokens]

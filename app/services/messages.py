@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.core.errors import AppError, InvalidRequestError, NotFoundError, ServiceUnavailableError
 from app.core.logging import get_logger
 from app.core.security import Principal
-from app.db.models import Chat, ChatSummary, Message, UsageRecord, new_id, utcnow
+from app.db.models import Chat, ChatSummary, Message, new_id, utcnow
 from app.schemas.chat import ChatParams, MessageCreate, MessageRead, MessageUpdate, RegenerateRequest, SendResult, Usage
 from app.services.chats import get_owned_chat
 from app.services.context import (
@@ -40,7 +40,7 @@ from app.services.context import (
 )
 from app.services.openai import Attempt, ReplyStream, Upstream
 from app.services.runtime import ChatRuntime
-from app.services.usage import CallContext, ledger_values
+from app.services.usage import CallContext, ledger_values, record_usage
 
 log = get_logger(__name__)
 
@@ -222,7 +222,8 @@ async def _summarise(session: AsyncSession, runtime: ChatRuntime, chat: Chat, tu
         try:
             completion = await upstream.complete(turn.model, request, {"max_completion_tokens": max_tokens}, failed)
         except AppError as exc:
-            session.add_all(runtime.accounting.rows(call, model_requested=turn.model, failed=failed, stream=False))
+            failed_rows = runtime.accounting.rows(call, model_requested=turn.model, failed=failed, stream=False)
+            await record_usage(session, [ledger_values(r) for r in failed_rows])
             await session.commit()
             log.warning("summary_failed", extra={"chat_id": chat.id, "code": exc.code})
             break
@@ -230,20 +231,19 @@ async def _summarise(session: AsyncSession, runtime: ChatRuntime, chat: Chat, tu
         summary_message = {"role": "system", "content": f"Summary of the earlier conversation:\n{content}"}
         usage = completion.usage or runtime.accounting.estimate(turn.model, request, content)
         final = (completion.attempt, completion.model, usage)
-        session.add_all(
-            [
-                *runtime.accounting.rows(call, model_requested=turn.model, failed=failed, stream=False, final=final),
-                ChatSummary(
-                    id=new_id("sum"),
-                    chat_id=chat.id,
-                    up_to_seq=chunk[-1].seq,
-                    content=content,
-                    token_count=runtime.context.count(summary_message, turn.model),
-                    model=completion.model,
-                    created_at=utcnow(),
-                ),
-            ]
+        session.add(
+            ChatSummary(
+                id=new_id("sum"),
+                chat_id=chat.id,
+                up_to_seq=chunk[-1].seq,
+                content=content,
+                token_count=runtime.context.count(summary_message, turn.model),
+                model=completion.model,
+                created_at=utcnow(),
+            )
         )
+        rows = runtime.accounting.rows(call, model_requested=turn.model, failed=failed, stream=False, final=final)
+        await record_usage(session, [ledger_values(r) for r in rows])
         await session.commit()
         plan = await runtime.context.plan(session, chat, turn.model, turn.params, turn.reply_seq)
         await session.commit()
@@ -325,14 +325,17 @@ async def _store_reply(
     )
     reply.token_count = runtime.context.count(upstream_message(reply), turn.model)
     reply.token_encoding = runtime.context.encoding(turn.model)
+    ledger_rows = [ledger_values(r) for r in records]
     try:
-        session.add_all([reply, *records])
+        session.add(reply)
         await session.execute(update(Chat).where(Chat.id == reply.chat_id).values(message_count=Chat.message_count + 1))
+        # Last: the rollup rows it locks are shared by every call of this key and model.
+        await record_usage(session, ledger_rows)
         await session.commit()
     except IntegrityError:
         await session.rollback()
         log.info("reply_dropped_chat_deleted", extra={"chat_id": reply.chat_id})
-        session.add_all([UsageRecord(**ledger_values(r)) for r in records])
+        await record_usage(session, ledger_rows)
         await session.commit()
         return None
     return reply

@@ -8,17 +8,33 @@ Where the numbers come from is part of each row (`source`):
 """
 
 import asyncio
+import bisect
 import contextlib
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any
+from datetime import UTC, datetime, timedelta
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Annotated, Any, cast
 
 from fastapi import Depends, Request
-from sqlalchemy import insert
+from sqlalchemy import Table, insert
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.core.logging import get_logger
 from app.core.metrics import Metrics
 from app.db.database import SessionFactory
-from app.db.models import UsageRecord
+from app.db.models import (
+    HISTOGRAM_BOUNDS_MS,
+    LATENCY_BINS,
+    ROLLUP_COUNTERS,
+    ROLLUP_PERIODS,
+    TTFT_BINS,
+    UsageRecord,
+    usage_rollups,
+)
 from app.services.catalog import ModelCatalog
 from app.services.openai import Attempt
 from app.services.tokens import Tokenizer
@@ -188,7 +204,7 @@ class LedgerWriter:
                 rows, self._pending = self._pending[: self._batch], self._pending[self._batch :]
                 try:
                     async with self._factory() as session:
-                        await session.execute(insert(UsageRecord), rows)
+                        await record_usage(session, rows)
                         await session.commit()
                 except Exception:
                     # Keep the rows for the next flush rather than lose them.
@@ -222,6 +238,113 @@ _LEDGER_COLUMNS = [c for c in UsageRecord.__table__.columns if c.key != "id"]
 def ledger_values(record: UsageRecord) -> dict[str, Any]:
     """A ledger row's column values, without its id (for inserting it anew)."""
     return {c.key: getattr(record, c.key) for c in _LEDGER_COLUMNS}
+
+
+async def record_usage(session: AsyncSession, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Insert ledger rows (`ledger_values`) and add them to their hourly and daily rollups.
+
+    Both in the caller's transaction, which commits: the rollups can never disagree with the
+    ledger. The upsert adds increments (`SET n = usage_rollups.n + excluded.n`), so concurrent
+    writers in several processes lose none; its rows go in key order, so that two transactions
+    always lock shared rollup rows in the same order and cannot deadlock on them. The rollups
+    go first, the order in which `TRUNCATE usage_rollups, usage_records` (the tests' clean-up)
+    locks the two tables: the other order can deadlock with it.
+    """
+    if not rows:
+        return
+    dialect = session.get_bind().dialect
+    upsert = _compiled_upsert(dialect.name, dialect.driver, dialect.paramstyle)
+    parameters = [upsert.parameters(item) for item in rollup_increments(rows)]
+    # Core statements on the session's connection: cheaper than the ORM's bulk insert for the
+    # one-row writes of the send path. They do not autoflush: pending objects go at the commit.
+    connection = await session.connection()
+    await connection.exec_driver_sql(upsert.sql, parameters)
+    await connection.execute(insert(cast(Table, UsageRecord.__table__)), list(rows))
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ZERO_ROLLUP: dict[str, Any] = {name: 0 for name in (*ROLLUP_COUNTERS, *LATENCY_BINS, *TTFT_BINS)}
+_COST_QUANTUM = Decimal("1e-10")  # the ledger's cost_usd scale: Numeric(20, 10)
+
+
+def histogram_bin(value_ms: float) -> int:
+    """The index of the rollup histogram bin that counts `value_ms` (see HISTOGRAM_BOUNDS_MS)."""
+    return bisect.bisect_right(HISTOGRAM_BOUNDS_MS, value_ms)
+
+
+def rollup_increments(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """What ledger rows add to each rollup row (one per period, user, key and model), in key order."""
+    found: dict[tuple[int, int, str, str, str], dict[str, Any]] = {}
+    for row in rows:
+        since_epoch: timedelta = row["created_at"] - _EPOCH
+        input_tokens, output_tokens = row.get("input_tokens") or 0, row.get("output_tokens") or 0
+        cost = row.get("cost_usd")
+        if cost is not None:
+            # Rounded as the ledger column stores it, so that the sums agree to the last digit.
+            cost = Decimal(str(cost)).quantize(_COST_QUANTUM, rounding=ROUND_HALF_UP)
+        ttft = row.get("ttft_ms")
+        for period in ROLLUP_PERIODS:
+            start = since_epoch // timedelta(seconds=period) * period
+            key = (period, start, row["user_id"], row.get("api_key_id") or "", row["model"])
+            item = found.get(key)
+            if item is None:
+                item = found[key] = _ZERO_ROLLUP | dict(
+                    zip(("period", "period_start", "user_id", "api_key_id", "model"), key, strict=True)
+                )
+            item["requests"] += 1
+            item["errors"] += row["status_code"] >= 400
+            item["input_tokens"] += input_tokens
+            item["output_tokens"] += output_tokens
+            item["cached_tokens"] += row.get("cached_tokens") or 0
+            item["reasoning_tokens"] += row.get("reasoning_tokens") or 0
+            item["estimated"] += row["source"] == "estimated"
+            if cost is None:
+                item["unpriced"] += 1
+                item["unpriced_input_tokens"] += input_tokens
+                item["unpriced_output_tokens"] += output_tokens
+            else:
+                item["cost_usd"] += cost
+            item[LATENCY_BINS[histogram_bin(row["latency_ms"])]] += 1
+            if ttft is not None:
+                item[TTFT_BINS[histogram_bin(ttft)]] += 1
+    return [found[key] for key in sorted(found)]
+
+
+@dataclass(frozen=True, slots=True)
+class _CompiledUpsert:
+    """The rollups' upsert as one driver's SQL text, and how to turn an increment into its parameters."""
+
+    sql: str
+    names: tuple[str, ...]  # the parameters, in order
+    processors: tuple[tuple[int, Callable[[Any], Any]], ...]  # (position, bind processor) where one is needed
+
+    def parameters(self, increment: Mapping[str, Any]) -> tuple[Any, ...]:
+        values = [increment[name] for name in self.names]
+        for position, process in self.processors:
+            values[position] = process(values[position])
+        return tuple(values)
+
+
+@functools.cache
+def _compiled_upsert(dialect_name: str, driver: str, paramstyle: str) -> _CompiledUpsert:
+    """INSERT ... ON CONFLICT DO UPDATE adding each increment to the stored sums, compiled once.
+
+    Run as SQL text with plain tuples: with its 175 columns, building the statement, its cache
+    key and its parameters afresh would cost more CPU than the ledger insert itself.
+    """
+    dialect_class: Any = make_url(f"{dialect_name}+{driver}://").get_dialect()
+    dialect = dialect_class(paramstyle=paramstyle)
+    stmt = (postgresql.insert if dialect_name == "postgresql" else sqlite.insert)(usage_rollups)
+    added = {name: usage_rollups.c[name] + stmt.excluded[name] for name in _ZERO_ROLLUP}
+    upsert = stmt.on_conflict_do_update(index_elements=list(usage_rollups.primary_key.columns), set_=added)
+    compiled = upsert.compile(dialect=dialect)
+    names = tuple(compiled.positiontup or ())
+    processors = []
+    for position, name in enumerate(names):
+        process = usage_rollups.c[name].type.dialect_impl(dialect).bind_processor(dialect)
+        if process is not None:
+            processors.append((position, process))
+    return _CompiledUpsert(compiled.string, names, tuple(processors))
 
 
 async def app_ledger(request: Request) -> LedgerWriter:
