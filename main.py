@@ -40,6 +40,7 @@ from app.services.catalog import ModelCatalog
 from app.services.context import ContextBuilder
 from app.services.gateway import Gateway
 from app.services.history import purge_history
+from app.services.limits import open_limiter
 from app.services.local_model import LOCAL_MODEL_NAME, LocalModel, LocalModelError, unavailable_reason
 from app.services.openai import Upstream
 from app.services.proxy import Proxy
@@ -64,6 +65,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.upstream = app.state.proxy = app.state.local_model = None
     app.state.ledger = LedgerWriter(app.state.session_factory)
     app.state.ledger.start()
+    app.state.limiter = await open_limiter(settings.redis_url, app.state.session_factory)
     tokenizer = Tokenizer()
     await anyio.to_thread.run_sync(tokenizer.preload)
     catalog = ModelCatalog.load(overrides=settings.model_catalog_file)
@@ -82,14 +84,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             context_window=settings.local_model_context,
             max_output_tokens=settings.local_model_max_tokens,
         )
-    app.state.accounting = Accounting(catalog, tokenizer, metrics)
-    app.state.gateway = Gateway(app.state.proxy, app.state.accounting, app.state.ledger, app.state.session_factory)
+    app.state.accounting = Accounting(catalog, tokenizer, metrics, app.state.limiter)
+    app.state.gateway = Gateway(
+        app.state.proxy, app.state.accounting, app.state.ledger, app.state.session_factory, app.state.limiter
+    )
     app.state.runtime = ChatRuntime(
         upstream=app.state.upstream,
         accounting=app.state.accounting,
         context=ContextBuilder(tokenizer, catalog, settings),
         factory=app.state.session_factory,
         default_model=app.state.settings.default_model,
+        limiter=app.state.limiter,
     )
     if settings.admin_api_key is not None:
         async with app.state.session_factory() as session:
@@ -111,6 +116,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         await app.state.ledger.aclose()
+        await app.state.limiter.aclose()
         if app.state.upstream is not None:
             await app.state.upstream.aclose()
         if app.state.proxy is not None:

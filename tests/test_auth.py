@@ -208,6 +208,9 @@ def test_me_describes_a_user_and_their_key(anonymous: httpx2.Client, admin: http
         "key_id": key["id"],
         "key_name": "laptop",
         "allowed_models": ["gpt-4o", "gpt-4o-mini"],
+        "rpm_limit": None,
+        "tpm_limit": None,
+        "budget_usd": None,
     }
 
 
@@ -241,6 +244,9 @@ def test_me_describes_the_environment_admin_key(admin: httpx2.Client, database_u
         "key_id": "key_env_admin",
         "key_name": "ADMIN_API_KEY",
         "allowed_models": None,
+        "rpm_limit": None,
+        "tpm_limit": None,
+        "budget_usd": None,
     }
     assert isinstance(body["user"]["created_at"], int)
 
@@ -270,6 +276,9 @@ def test_created_key_response_has_exactly_the_documented_fields(admin: httpx2.Cl
         "name",
         "prefix",
         "allowed_models",
+        "rpm_limit",
+        "tpm_limit",
+        "budget_usd",
         "expires_at",
         "revoked_at",
         "created_at",

@@ -152,7 +152,14 @@ def test_create_key_returns_201_with_its_settings(admin: httpx2.Client) -> None:
     before = int(time.time())
     response = admin.post(
         f"/api/v1/users/{user['id']}/keys",
-        json={"name": "laptop", "allowed_models": ["gpt-4o"], "expires_at": 4_102_444_800},
+        json={
+            "name": "laptop",
+            "allowed_models": ["gpt-4o"],
+            "expires_at": 4_102_444_800,
+            "rpm_limit": 600,
+            "tpm_limit": 200_000,
+            "budget_usd": "12.50",
+        },
     )
     assert response.status_code == 201, response.text
     key = response.json()
@@ -163,6 +170,9 @@ def test_create_key_returns_201_with_its_settings(admin: httpx2.Client) -> None:
         "name": "laptop",
         "prefix": key["prefix"],
         "allowed_models": ["gpt-4o"],
+        "rpm_limit": 600,
+        "tpm_limit": 200_000,
+        "budget_usd": 12.5,
         "expires_at": 4_102_444_800,
         "revoked_at": None,
         "created_at": key["created_at"],

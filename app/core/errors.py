@@ -101,6 +101,14 @@ class RateLimitError(AppError):
     code = "rate_limit_exceeded"
 
 
+class QuotaExceededError(AppError):
+    """OpenAI's answer to an account out of credit (here: a key over its budget)."""
+
+    status_code = 429
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
 class ServiceUnavailableError(AppError):
     status_code = 503
     type = "server_error"

@@ -11,6 +11,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -49,6 +50,9 @@ class Principal:
     key_id: str
     key_name: str | None
     allowed_models: tuple[str, ...] | None
+    rpm_limit: int | None = None
+    tpm_limit: int | None = None
+    budget_usd: Decimal | None = None
 
     @property
     def is_admin(self) -> bool:
@@ -109,7 +113,7 @@ class KeyCache:
         self._entries[digest] = (time.monotonic(), principal, expires_at)
 
     def drop_key(self, key_id: str) -> None:
-        """Forget a key at once (it was revoked)."""
+        """Forget a key at once (it was revoked, or its limits changed)."""
         for digest, (_, principal, _) in list(self._entries.items()):
             if principal.key_id == key_id:
                 del self._entries[digest]
@@ -149,7 +153,7 @@ async def current_principal(request: Request, settings: SettingsDep, cache: KeyC
     if key.expires_at is not None and key.expires_at <= utcnow():
         raise AuthenticationError("This API key has expired.", code="api_key_expired")
     allowed = tuple(key.allowed_models) if key.allowed_models is not None else None
-    principal = Principal(key.user_id, role, key.id, key.name, allowed)
+    principal = Principal(key.user_id, role, key.id, key.name, allowed, key.rpm_limit, key.tpm_limit, key.budget_usd)
     cache.put(digest, principal, key.expires_at)
     return principal
 

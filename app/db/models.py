@@ -90,6 +90,10 @@ class ApiKey(Base):
     expires_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Limits (app/services/limits.py); None: none.
+    rpm_limit: Mapped[int | None]
+    tpm_limit: Mapped[int | None]
+    budget_usd: Mapped[Decimal | None] = mapped_column(Numeric(20, 10))
 
     user: Mapped[User] = relationship(lazy="raise")
 

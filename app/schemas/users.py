@@ -1,6 +1,7 @@
 """Users, API keys and the caller."""
 
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Annotated, Literal
 
 from pydantic import AwareDatetime, BaseModel, Field, field_validator
@@ -23,7 +24,20 @@ class UserRead(BaseModel):
     created_at: UnixTime
 
 
-class ApiKeyCreate(Input):
+RpmLimit = Annotated[int, Field(ge=1, le=10_000_000, description="Requests per minute (UTC minute)")]
+TpmLimit = Annotated[int, Field(ge=1, le=10_000_000_000, description="Input + output tokens per minute")]
+Budget = Annotated[Decimal, Field(ge=0, le=10_000_000, decimal_places=10, description="USD per UTC calendar month")]
+
+
+class KeyLimits(Input):
+    """A key's limits; null (or absent) means none."""
+
+    rpm_limit: RpmLimit | None = None
+    tpm_limit: TpmLimit | None = None
+    budget_usd: Budget | None = None
+
+
+class ApiKeyCreate(KeyLimits):
     name: Annotated[SafeText, Field(max_length=256)] | None = None
     allowed_models: Annotated[list[ModelName], Field(min_length=1, max_length=64)] | None = None
     expires_at: AwareDatetime | None = Field(default=None, description="Unix seconds or ISO 8601")
@@ -43,6 +57,9 @@ class ApiKeyRead(BaseModel):
     name: str | None
     prefix: str
     allowed_models: list[str] | None
+    rpm_limit: int | None
+    tpm_limit: int | None
+    budget_usd: float | None
     expires_at: UnixTime | None
     revoked_at: UnixTime | None
     created_at: UnixTime
@@ -59,3 +76,6 @@ class MeRead(BaseModel):
     key_id: str
     key_name: str | None
     allowed_models: list[str] | None
+    rpm_limit: int | None = None
+    tpm_limit: int | None = None
+    budget_usd: float | None = None

@@ -20,6 +20,7 @@ from app.core.logging import get_logger
 from app.core.security import Principal
 from app.db.database import SessionFactory
 from app.services.http_client import Response
+from app.services.limits import Limiter
 from app.services.openai import Attempt, normalize_usage
 from app.services.proxy import Proxy, UpstreamFailure
 from app.services.stored import save_completion, validate_metadata
@@ -139,12 +140,18 @@ class Gateway:
     """Relays `/v1/chat/completions` calls and accounts for them (one per app)."""
 
     def __init__(
-        self, proxy: Proxy | None, accounting: Accounting, ledger: LedgerWriter, factory: SessionFactory
+        self,
+        proxy: Proxy | None,
+        accounting: Accounting,
+        ledger: LedgerWriter,
+        factory: SessionFactory,
+        limiter: Limiter,
     ) -> None:
         self.proxy = proxy
         self.accounting = accounting
         self.ledger = ledger
         self.factory = factory
+        self.limiter = limiter
 
     async def chat_completions(self, raw: bytes, principal: Principal, started: float) -> Relay:
         """Relay one chat completion (whole or streamed) and account for it."""
@@ -154,6 +161,7 @@ class Gateway:
                 "No model provider is configured. Set OPENAI_API_KEY (and OPENAI_BASE_URL) and restart the service.",
                 code="upstream_not_configured",
             )
+        await self.limiter.admit(principal)
         stream = call.payload.get("stream") is True
         upstream_started = time.perf_counter()
         try:

@@ -178,6 +178,7 @@ async def _start_turn(
 ) -> Turn:
     model = request.model or chat.model or runtime.default_model
     principal.check_model(model)
+    await runtime.limiter.admit(principal, session)  # refused: nothing of the turn is stored
     overrides = request.params.model_dump(exclude_none=True) if request.params else {}
     params = ChatParams.model_validate({**chat.params, **overrides}).upstream()
 

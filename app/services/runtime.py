@@ -7,6 +7,7 @@ from fastapi import Depends, Request
 
 from app.db.database import SessionFactory
 from app.services.context import ContextBuilder
+from app.services.limits import Limiter
 from app.services.openai import Upstream
 from app.services.usage import Accounting
 
@@ -20,6 +21,7 @@ class ChatRuntime:
     context: ContextBuilder
     factory: SessionFactory
     default_model: str
+    limiter: Limiter
 
     @property
     def default_strategy(self) -> str:

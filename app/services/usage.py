@@ -36,6 +36,7 @@ from app.db.models import (
     usage_rollups,
 )
 from app.services.catalog import ModelCatalog
+from app.services.limits import Limiter
 from app.services.openai import Attempt
 from app.services.tokens import Tokenizer
 
@@ -55,10 +56,17 @@ class CallContext:
 class Accounting:
     """Turns upstream attempts into priced ledger rows."""
 
-    def __init__(self, catalog: ModelCatalog, tokenizer: Tokenizer, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        catalog: ModelCatalog,
+        tokenizer: Tokenizer,
+        metrics: Metrics | None = None,
+        limiter: Limiter | None = None,
+    ) -> None:
         self.catalog = catalog
         self.tokenizer = tokenizer
         self.metrics = metrics
+        self.limiter = limiter
 
     def estimate(self, model: str, context: list[dict[str, Any]], output: str) -> dict[str, Any]:
         """Usage counted here, in OpenAI's shape, marked as an estimate."""
@@ -165,6 +173,8 @@ class Accounting:
         )
         if self.metrics is not None:
             self.metrics.observe_usage(record)
+        if self.limiter is not None:
+            self.limiter.note(record)
         return record
 
 

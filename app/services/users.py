@@ -10,7 +10,7 @@ from app.core.security import ADMIN_USER_ID, Principal, display_prefix, generate
 from app.db.models import ApiKey, User, UserContext, new_id, utcnow
 from app.schemas.common import ListParams, Page
 from app.schemas.context import SavedContextRead, SavedContextWrite
-from app.schemas.users import ApiKeyCreate, ApiKeyCreated, ApiKeyRead, MeRead, UserCreate, UserRead
+from app.schemas.users import ApiKeyCreate, ApiKeyCreated, ApiKeyRead, KeyLimits, MeRead, UserCreate, UserRead
 from app.services.pagination import cursor_values, paginate
 
 
@@ -25,6 +25,9 @@ def key_read(key: ApiKey) -> ApiKeyRead:
         name=key.name,
         prefix=key.prefix,
         allowed_models=key.allowed_models,
+        rpm_limit=key.rpm_limit,
+        tpm_limit=key.tpm_limit,
+        budget_usd=float(key.budget_usd) if key.budget_usd is not None else None,
         expires_at=key.expires_at,
         revoked_at=key.revoked_at,
         created_at=key.created_at,
@@ -76,6 +79,9 @@ async def create_key(session: AsyncSession, user_id: str, data: ApiKeyCreate) ->
         key_hash=hash_key(secret),
         allowed_models=data.allowed_models,
         expires_at=data.expires_at,
+        rpm_limit=data.rpm_limit,
+        tpm_limit=data.tpm_limit,
+        budget_usd=data.budget_usd,
         created_at=utcnow(),
     )
     session.add(key)
@@ -94,11 +100,25 @@ async def list_keys(session: AsyncSession, user_id: str, page: ListParams) -> Pa
     return await paginate(session, stmt, keys, page, cursor, key_read, lambda k: k.id)
 
 
-async def revoke_key(session: AsyncSession, key_id: str) -> None:
-    """Revoke a key at once; it stays listed, marked revoked."""
+async def _get_key(session: AsyncSession, key_id: str) -> ApiKey:
     key = await session.get(ApiKey, key_id)
     if key is None:
         raise NotFoundError(f"No API key found with id '{key_id}'.", param="key_id")
+    return key
+
+
+async def update_key_limits(session: AsyncSession, key_id: str, data: KeyLimits) -> ApiKeyRead:
+    """Set or clear (null) the limits named in `data`; the others stay as they are."""
+    key = await _get_key(session, key_id)
+    for name in data.model_fields_set:
+        setattr(key, name, getattr(data, name))
+    await session.commit()
+    return key_read(key)
+
+
+async def revoke_key(session: AsyncSession, key_id: str) -> None:
+    """Revoke a key at once; it stays listed, marked revoked."""
+    key = await _get_key(session, key_id)
     if key.revoked_at is None:
         key.revoked_at = utcnow()
     await session.commit()
@@ -113,6 +133,9 @@ async def describe_caller(session: AsyncSession, principal: Principal) -> MeRead
         key_id=principal.key_id,
         key_name=principal.key_name,
         allowed_models=list(principal.allowed_models) if principal.allowed_models is not None else None,
+        rpm_limit=principal.rpm_limit,
+        tpm_limit=principal.tpm_limit,
+        budget_usd=float(principal.budget_usd) if principal.budget_usd is not None else None,
     )
 
 

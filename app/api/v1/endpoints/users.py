@@ -6,8 +6,9 @@ from app.core.security import AdminPrincipal, CurrentPrincipal, KeyCacheDep
 from app.db.database import SessionDep
 from app.schemas.common import Deleted, ListParams, Page
 from app.schemas.context import SavedContextRead, SavedContextWrite
-from app.schemas.users import ApiKeyCreate, ApiKeyCreated, ApiKeyRead, MeRead, UserCreate, UserRead
+from app.schemas.users import ApiKeyCreate, ApiKeyCreated, ApiKeyRead, KeyLimits, MeRead, UserCreate, UserRead
 from app.services import users
+from app.services.limits import LimiterDep
 
 router = APIRouter(tags=["users and keys"])
 
@@ -56,6 +57,17 @@ async def list_keys(
 ) -> Page[ApiKeyRead]:
     """List a user's keys, without their secrets (admin)."""
     return await users.list_keys(session, user_id, page)
+
+
+@router.patch("/keys/{key_id}")
+async def update_key_limits(
+    key_id: str, data: KeyLimits, _: AdminPrincipal, session: SessionDep, cache: KeyCacheDep, limiter: LimiterDep
+) -> ApiKeyRead:
+    """Set a key's limits: `rpm_limit`, `tpm_limit`, `budget_usd` (null clears one; absent leaves it) (admin)."""
+    key = await users.update_key_limits(session, key_id, data)
+    cache.drop_key(key_id)
+    limiter.forget(key_id)
+    return key
 
 
 @router.delete("/keys/{key_id}")
