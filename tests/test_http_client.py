@@ -425,3 +425,74 @@ def test_https_verifies_the_certificate(run: Runner, tmp_path: Path) -> None:
             await default.aclose()
 
     run(main())
+
+
+def test_a_body_ended_by_closing_the_connection_is_whole(run: Runner) -> None:
+    async def main() -> None:
+        def make(server: Server) -> Handler:
+            async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                await server.read_request(reader)
+                writer.write(b"HTTP/1.0 200 OK\r\ncontent-type: application/json\r\n\r\n")
+                writer.write(b'{"id":"old-style"}')
+                await writer.drain()  # then the connection closes: the body's end
+
+            return handle
+
+        async with serve(make) as server:
+            client = client_for(server)
+            response = await client.request("POST", "x", b"{}")
+            assert await response.aread() == b'{"id":"old-style"}'
+            assert await (await client.request("POST", "x", b"{}")).aread() == b'{"id":"old-style"}'
+            await client.aclose()
+        assert server.connections == 2  # never reused: it is closed
+
+    run(main())
+
+
+def test_a_read_cancelled_mid_body_gives_its_connection_slot_back(run: Runner) -> None:
+    async def main() -> None:
+        def make(server: Server) -> Handler:
+            async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                while await server.read_request(reader) is not None:
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n01234")
+                    await writer.drain()
+
+            return handle
+
+        async with serve(make) as server:
+            client = client_for(server, max_connections=1, timeout=1.0)
+            for _ in range(3):  # with the one slot lost, the second request would wait and time out
+                response = await client.request("POST", "x", b"{}")
+                reading = asyncio.ensure_future(response.aread())
+                await asyncio.sleep(0.05)
+                reading.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await reading
+            await client.aclose()
+        assert server.connections == 3
+
+    run(main())
+
+
+def test_waiting_for_a_free_connection_times_out(run: Runner) -> None:
+    async def main() -> None:
+        async with serve(keep_alive_json()) as server:
+            client = client_for(server, max_connections=1, timeout=0.2)
+            held = await client.request("GET", "models")  # its body unread: the one slot stays taken
+            with pytest.raises(TransportTimeout, match=r"No free upstream connection within 0\.2 s"):
+                await client.request("GET", "models")
+            assert await held.aread() == b'{"ok":true}'
+            assert await (await client.request("GET", "models")).aread() == b'{"ok":true}'
+            await client.aclose()
+
+    run(main())
+
+
+def test_an_environment_proxy_is_reported_as_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY", "HTTPS_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("https_proxy", "http://proxy.internal:3128")
+    monkeypatch.setenv("no_proxy", "localhost,127.0.0.1")
+    assert http_client.proxy_ignored("https://api.openai.com/v1") == "http://proxy.internal:3128"
+    assert http_client.proxy_ignored("https://127.0.0.1:8443/v1") is None
+    assert http_client.proxy_ignored("http://api.openai.com/v1") is None

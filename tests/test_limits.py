@@ -6,6 +6,7 @@ sets); the limiter's clock is pinned to the middle of a minute so that no test
 straddles two windows.
 """
 
+import asyncio
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +18,10 @@ import openai
 import pytest
 from fastapi import FastAPI
 
-from app.services.limits import Limiter
+from app.core.config import ConfigError, load_settings
+from app.core.security import Principal
+from app.db.database import create_engine, create_session_factory
+from app.services.limits import Limiter, RedisCounters, open_limiter
 from main import create_app
 from tests.conftest import ADMIN_KEY, Caller, sdk_for, service_settings
 from tests.fake_upstream import FakeUpstream
@@ -211,3 +215,33 @@ def test_limits_are_set_read_and_changed_through_the_keys_api(
     assert_error(admin.patch("/api/v1/keys/key_missing", json={"rpm_limit": 1}), 404, code="not_found", param="key_id")
     refused = alice.http.patch(f"/api/v1/keys/{ident}", json={"rpm_limit": 1_000_000})
     assert_error(refused, 403, code="permission_denied")
+
+
+def test_a_request_refused_for_another_reason_uses_none_of_the_limit(
+    limited: Limited, make_user: Callable[..., Caller]
+) -> None:
+    alice = make_user("alice", rpm_limit=1)
+    chat = alice.chat()["id"]
+    with limited.client(alice.key) as client:
+        bad = client.post(f"/api/v1/chats/{chat}/messages", json={"content": "hi", "params": {"temperature": 9}})
+        assert bad.status_code == 400, bad.text
+        assert send(client, chat).status_code == 200
+        assert send(client, chat).status_code == 429
+
+
+def test_with_redis_unreachable_calls_go_on_and_start_up_names_redis_url(database_url: str) -> None:
+    async def main() -> None:
+        engine = create_engine(load_settings(database_url=database_url))
+        try:
+            factory = create_session_factory(engine)
+            limiter = Limiter(RedisCounters("redis://127.0.0.1:1/0"), factory)
+            principal = Principal("usr_x", "user", "key_x", None, None, rpm_limit=1, tpm_limit=10)
+            for _ in range(3):
+                await limiter.admit(principal)  # no counters: logged, and let through
+            await limiter.aclose()
+            with pytest.raises(ConfigError, match=r"^REDIS_URL: Redis does not answer"):
+                await open_limiter("redis://127.0.0.1:1/0", factory)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(main())

@@ -12,7 +12,7 @@ taken back, and the response ends quietly: nobody is left to read it.
 """
 
 import asyncio
-from collections.abc import AsyncIterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, Mapping
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -43,7 +43,8 @@ class StreamResponse(Response):
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             async for chunk in self.chunks:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if chunk:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
             watch.streaming = False
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
@@ -55,6 +56,18 @@ class StreamResponse(Response):
             watcher.cancel()
             if (close := getattr(self.chunks, "aclose", None)) is not None:
                 await close()  # a producer left at a `yield` ends now, not when collected
+
+
+async def started(chunks: AsyncGenerator[bytes]) -> AsyncGenerator[bytes]:
+    """`chunks`, run to its first `yield`, which must be an empty chunk inside its `try`.
+
+    Closing a generator that never started runs none of its code, so its `finally`
+    (close the upstream stream, store and count the call) would never run if the
+    response failed before its first chunk. Started, it always does.
+    """
+    first = await anext(chunks)
+    assert first == b"", "a started stream yields b'' first"
+    return chunks
 
 
 class _HangUpWatch:

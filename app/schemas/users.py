@@ -25,7 +25,7 @@ class UserRead(BaseModel):
 
 
 RpmLimit = Annotated[int, Field(ge=1, le=10_000_000, description="Requests per minute (UTC minute)")]
-TpmLimit = Annotated[int, Field(ge=1, le=10_000_000_000, description="Input + output tokens per minute")]
+TpmLimit = Annotated[int, Field(ge=1, le=2_000_000_000, description="Input + output tokens per minute")]
 Budget = Annotated[Decimal, Field(ge=0, le=10_000_000, decimal_places=10, description="USD per UTC calendar month")]
 
 

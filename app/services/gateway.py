@@ -8,13 +8,14 @@ come back byte for byte; a stream is relayed chunk by chunk as it arrives.
 """
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import orjson
 
+from app.core import streaming
 from app.core.errors import AppError, InvalidRequestError, ServiceUnavailableError, UpstreamError
 from app.core.logging import get_logger
 from app.core.security import Principal
@@ -178,7 +179,7 @@ class Gateway:
         upstream_ms = (time.perf_counter() - upstream_started) * 1000
         if stream:
             headers = _headers(response.headers, started, upstream_ms)
-            return Relay(200, headers, chunks=self._relay(response, call, attempt))
+            return Relay(200, headers, chunks=await streaming.started(self._relay(response, call, attempt)))
 
         content = response.content
         try:
@@ -216,7 +217,7 @@ class Gateway:
         for row in rows:
             self.ledger.add(row)
 
-    async def _relay(self, response: Response, call: _Call, attempt: Attempt) -> AsyncIterator[bytes]:
+    async def _relay(self, response: Response, call: _Call, attempt: Attempt) -> AsyncGenerator[bytes]:
         """Pass events through as they arrive; count the stream however it ends.
 
         The events that arrive together (one read from the upstream) go out
@@ -227,6 +228,7 @@ class Gateway:
         state = _StreamState()
         settle = _Settlement(self, call, attempt, state)
         try:
+            yield b""  # started (app/core/streaming.py): from here on, the `finally` always runs
             while True:
                 try:
                     piece = await anext(response)

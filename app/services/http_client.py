@@ -7,18 +7,24 @@ path it costs about 2 ms of CPU per request (bench/results/gateway.md: a bare
 pass-through on httpx2 against the same with this client), which was most of
 the gateway's overhead. This client does only what the relay needs:
 
-- a pool of keep-alive connections (at most `max_connections` in use, at most
-  `max_idle` kept idle, each for at most `idle_seconds`), reused last-in first-out;
+- a pool of keep-alive connections (at most `max_connections` in use, waited for at
+  most the read timeout; at most `max_idle` kept idle, each for at most `idle_seconds`),
+  reused last-in first-out;
 - a connect timeout, and a read timeout for every wait on the upstream (for the
   headers, then between body pieces), as httpx's `Timeout(read=...)`;
 - TLS for `https://` upstreams, verified against the system's certificates and
   certifi's bundle (`SSL_CERT_FILE` / `SSL_CERT_DIR` are honoured);
 - back-pressure: a streamed body that the caller reads slower than it arrives
   pauses the socket past `HIGH_WATER` bytes;
-- bodies framed by `content-length` or chunked encoding (httptools parses both);
-  no request compression, and `accept-encoding: identity` so bodies relay as they are.
+- bodies framed by `content-length`, chunked encoding or the end of the connection;
+  no request compression, and `accept-encoding: identity` so bodies relay as they are;
+- a request that a kept-alive connection swallowed (closed before any byte of an
+  answer) is sent once more on a new connection: the usual keep-alive race, in which
+  the upstream almost always never saw it; an upstream that crashed while working on
+  it may see it twice.
 
-It does not follow redirects or speak HTTP/2, and it ignores `HTTP(S)_PROXY`.
+It does not follow redirects or speak HTTP/2, and it ignores `HTTP(S)_PROXY` (see
+`proxy_ignored`) and any query string in the base URL.
 A response must be read to its end or closed (`aclose`); only then is its
 connection free for the next request.
 """
@@ -26,6 +32,7 @@ connection free for the next request.
 import asyncio
 import ssl
 import time
+import urllib.request
 from collections import deque
 from typing import Self, cast
 from urllib.parse import urlsplit
@@ -66,6 +73,7 @@ class Response:
         "_complete",
         "_connection",
         "_error",
+        "_framed",
         "_pieces",
         "_raw_headers",
         "_released",
@@ -91,6 +99,7 @@ class Response:
         self._complete = False
         self._error: TransportError | None = None
         self._released = False
+        self._framed = False  # content-length or chunked: else the body ends when the connection does
 
     # The connection's side.
 
@@ -103,6 +112,7 @@ class Response:
         headers = self.headers
         for raw_name, raw_value in self._raw_headers:
             name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
+            self._framed |= name in ("content-length", "transfer-encoding")
             previous = dict.get(headers, name)
             dict.__setitem__(headers, name, value if previous is None else f"{previous}, {value}")
         self._raw_headers = []
@@ -167,7 +177,11 @@ class Response:
             if self._complete:
                 self._release()
                 raise StopAsyncIteration
-            await self._wait()
+            try:
+                await self._wait()
+            except BaseException:  # cancelled mid-body: the connection cannot be reused
+                self._close()
+                raise
 
     def aiter_bytes(self) -> Self:
         return self
@@ -228,8 +242,13 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._client._open.discard(self)
-        if self._response is not None:
-            self._response._fail(TransportError("The upstream closed the connection before the response ended."))
+        response, self._response = self._response, None
+        if response is None:
+            return
+        if exc is None and response.status_code and not response._framed:
+            response._finish()  # an HTTP/1.0-style body, ended by closing the connection
+        else:
+            response._fail(TransportError("The upstream closed the connection before the response ended."))
 
     # httptools callbacks
 
@@ -278,7 +297,7 @@ class _Connection(asyncio.Protocol):
 
     def release(self, *, reusable: bool) -> None:
         self._response = None
-        self._client._release(self, reusable and not self.closed and self._keep_alive)
+        self._client._release(self, reusable and not self.closed and self._keep_alive and not self._paused)
 
 
 class HTTPClient:
@@ -330,7 +349,11 @@ class HTTPClient:
         length = b"content-length: %d\r\n\r\n" % len(body) if body or method == "POST" else b"\r\n"
         request = head + self._fixed + length + body
         for attempt in range(2):
-            await self._slots.acquire()
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await self._slots.acquire()
+            except TimeoutError as exc:
+                raise TransportTimeout(f"No free upstream connection within {self._timeout:g} s.") from exc
             try:
                 connection, reused = self._idle_connection(), True
                 if connection is None:
@@ -378,6 +401,9 @@ class HTTPClient:
             raise TransportTimeout(f"Could not connect to the upstream within {self._connect_timeout:g} s.") from exc
         except (OSError, ssl.SSLError) as exc:
             raise TransportError(f"Could not connect to the upstream ({exc}).") from exc
+        if self._closed:  # closed while connecting
+            connection.abort()
+            raise TransportError("The HTTP client is closed.")
         self._open.add(connection)
         return connection
 
@@ -399,6 +425,14 @@ class HTTPClient:
         self._open.clear()
         self._idle.clear()
         await asyncio.sleep(0)  # let the transports run their connection_lost callbacks
+
+
+def proxy_ignored(base_url: str) -> str | None:
+    """The HTTP proxy that the environment sets for `base_url` and this client does not use."""
+    host = urlsplit(base_url).hostname or ""
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(urlsplit(base_url).scheme) or proxies.get("all")
+    return proxy if proxy and not urllib.request.proxy_bypass(host) else None
 
 
 def _tls_context() -> ssl.SSLContext:

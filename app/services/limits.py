@@ -18,9 +18,13 @@ called and before anything of the request is stored:
   until the month ends or an admin raises the budget.
 
 The minute counters live in this process by default. With `REDIS_URL` they live in Redis
-(`INCRBY` with an expiry), shared by every worker and instance; the budget is read from the
+(`INCRBY` with an expiry), shared by every worker and instance; if Redis stops answering,
+calls go on without minute limits (logged) rather than fail. The budget is read from the
 database either way, so every instance sees every other's spend within the refresh interval
-and the ledger writer's flush interval. Keys without limits cost nothing here.
+and the ledger writer's flush interval (spend still queued in this process's ledger writer
+when the budget is re-read is missed for that interval). A key's new limits reach other
+workers and instances when their key cache renews it (KEY_CACHE_SECONDS). Keys without
+limits cost nothing here.
 """
 
 import asyncio
@@ -37,6 +41,7 @@ from fastapi import Depends, Request
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.core.config import ConfigError
 from app.core.errors import QuotaExceededError, RateLimitError
 from app.core.logging import get_logger
 from app.core.security import Principal
@@ -138,6 +143,20 @@ class Limiter:
         rpm, tpm, budget = principal.rpm_limit, principal.tpm_limit, principal.budget_usd
         if rpm is None and tpm is None and budget is None:
             return
+        try:
+            await self._admit(principal, rpm, tpm, budget, session)
+        except redis.RedisError:
+            # Redis away: the minute limits cannot be counted; calls go on (budgets still hold).
+            log.warning("limit_counters_unavailable", extra={"key_id": principal.key_id}, exc_info=True)
+
+    async def _admit(
+        self,
+        principal: Principal,
+        rpm: int | None,
+        tpm: int | None,
+        budget: Decimal | None,
+        session: AsyncSession | None,
+    ) -> None:
         now = self.clock()
         minute, wait = int(now // 60), max(1, math.ceil(60 - now % 60))
         key = principal.key_id
@@ -179,11 +198,16 @@ class Limiter:
     async def _send(self) -> None:
         """Hand the noted token counts to the counters (a task, so that `note` never waits)."""
         while self._unsent:
-            name, amount = self._unsent.popitem()
+            name, amount = next(iter(self._unsent.items()))
             try:
                 await self.counters.add(name, amount)
-            except Exception:  # Redis away: limits loosen, calls go on
+            except redis.RedisError:  # Redis away: limits loosen, calls go on
                 log.warning("limit_counter_failed", extra={"counter": name}, exc_info=True)
+            # Only now: until the counter has them, `admit` counts them here.
+            if (left := self._unsent[name] - amount) > 0:
+                self._unsent[name] = left
+            else:
+                del self._unsent[name]
 
     async def _month_spend(self, principal: Principal, now: float, session: AsyncSession | None) -> Decimal:
         month = _month_start(now)
@@ -256,7 +280,7 @@ async def open_limiter(redis_url: str | None, factory: SessionFactory) -> Limite
     counters = RedisCounters(redis_url)
     try:
         await counters.ping()
-    except Exception:
+    except (redis.RedisError, OSError) as exc:
         await counters.aclose()
-        raise
+        raise ConfigError(f"REDIS_URL: Redis does not answer ({exc}); unset it to count limits in memory") from exc
     return Limiter(counters, factory)

@@ -14,7 +14,7 @@ Concurrent sends to one chat therefore never wait on each other's model call,
 and every message gets exactly one defined position.
 """
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.core.errors import AppError, InvalidRequestError, NotFoundError, ServiceUnavailableError
 from app.core.logging import get_logger
 from app.core.security import Principal
+from app.core.streaming import started
 from app.db.models import Chat, ChatSummary, Message, new_id, utcnow
 from app.schemas.chat import ChatParams, MessageCreate, MessageRead, MessageUpdate, RegenerateRequest, SendResult, Usage
 from app.services.chats import get_owned_chat
@@ -178,7 +179,6 @@ async def _start_turn(
 ) -> Turn:
     model = request.model or chat.model or runtime.default_model
     principal.check_model(model)
-    await runtime.limiter.admit(principal, session)  # refused: nothing of the turn is stored
     overrides = request.params.model_dump(exclude_none=True) if request.params else {}
     params = ChatParams.model_validate({**chat.params, **overrides}).upstream()
 
@@ -196,6 +196,9 @@ async def _start_turn(
         user_message, reply_seq = request.answer, await _reserve(session, chat, 1)
     # Refused here (context_length_exceeded) means rolled back: nothing of the turn is kept.
     plan = await runtime.context.plan(session, chat, model, params, reply_seq)
+    # Last, so that a request refused for other reasons uses none of the key's limits;
+    # refused here means rolled back, too.
+    await runtime.limiter.admit(principal, session)
     await session.commit()
     call = CallContext(principal.user_id, principal.key_id, chat.id, "chat.message")
     turn = Turn(user_message, new_id("msg"), reply_seq, model, plan, params, call)
@@ -437,7 +440,7 @@ async def stream_turn(
     turn, stream = await _open_turn(
         session, runtime, principal, chat, request, lambda c, t: c.stream(t.model, t.context, t.params, t.failed)
     )
-    return _relay(runtime, turn, stream)
+    return await started(_relay(runtime, turn, stream))
 
 
 async def _branch_point(
@@ -510,11 +513,12 @@ async def edit_message(
     return message
 
 
-async def _relay(runtime: ChatRuntime, turn: Turn, stream: ReplyStream) -> AsyncIterator[bytes]:
+async def _relay(runtime: ChatRuntime, turn: Turn, stream: ReplyStream) -> AsyncGenerator[bytes]:
     """Relay the reply as SSE events, and store it (and its usage) however the stream ends."""
-    yield sse("message.created", {"message": message_read(turn.user_message).model_dump(mode="json")})
     failure: AppError | None = None
     try:
+        yield b""  # started (app/core/streaming.py): from here on, the cleanup below always runs
+        yield sse("message.created", {"message": message_read(turn.user_message).model_dump(mode="json")})
         try:
             async for delta in stream.deltas():
                 yield sse("message.delta", {"message_id": turn.reply_id, "delta": delta})

@@ -19,7 +19,7 @@ from app.core.config import Settings
 from app.core.errors import AppError, RateLimitError, UpstreamError, UpstreamTimeoutError
 from app.core.logging import get_logger
 from app.db.models import utcnow
-from app.services.http_client import HTTPClient, Response, TransportError, TransportTimeout
+from app.services.http_client import HTTPClient, Response, TransportError, TransportTimeout, proxy_ignored
 from app.services.openai import Attempt
 from app.services.retries import retry_delay
 
@@ -50,6 +50,11 @@ class Proxy:
             connect_timeout=min(settings.openai_timeout, 10.0),
         )
         self._models: tuple[float, bytes] | None = None
+        if (ignored := proxy_ignored(base_url)) is not None:
+            log.warning(
+                "upstream_proxy_ignored",
+                extra={"proxy": ignored, "hint": "the /v1 relay connects to the upstream directly"},
+            )
 
     async def aclose(self) -> None:
         await self._client.aclose()
