@@ -488,11 +488,123 @@ def test_waiting_for_a_free_connection_times_out(run: Runner) -> None:
     run(main())
 
 
-def test_an_environment_proxy_is_reported_as_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_environment_proxy_is_found_as_httpx_finds_it(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY", "HTTPS_PROXY", "NO_PROXY"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("https_proxy", "http://proxy.internal:3128")
     monkeypatch.setenv("no_proxy", "localhost,127.0.0.1")
-    assert http_client.proxy_ignored("https://api.openai.com/v1") == "http://proxy.internal:3128"
-    assert http_client.proxy_ignored("https://127.0.0.1:8443/v1") is None
-    assert http_client.proxy_ignored("http://api.openai.com/v1") is None
+    assert http_client.environment_proxy("https://api.openai.com/v1") == "http://proxy.internal:3128"
+    assert http_client.environment_proxy("https://127.0.0.1:8443/v1") is None
+    assert http_client.environment_proxy("http://api.openai.com/v1") is None
+
+
+def test_only_http_proxies_are_taken() -> None:
+    with pytest.raises(ValueError, match="only http:// proxies"):
+        HTTPClient("https://api.openai.com/v1", {}, timeout=1, connect_timeout=1, proxy="socks5://127.0.0.1:1080")
+
+
+def connect_proxy(seen: list[bytes], answer: bytes | None = None) -> Callable[[Server], Handler]:
+    """An HTTP proxy that opens CONNECT tunnels (or, given `answer`, refuses with it)."""
+
+    def make(server: Server) -> Handler:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            head = await reader.readuntil(b"\r\n\r\n")
+            seen.append(head)
+            if answer is not None:
+                writer.write(answer)
+                await writer.drain()
+                return
+            host, port = head.split(b" ")[1].decode().rsplit(":", 1)
+            up_reader, up_writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+            async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+                sink.close()
+
+            try:
+                await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True)
+            finally:
+                up_writer.close()
+
+        return handle
+
+    return make
+
+
+def test_https_through_a_connect_proxy_with_credentials(run: Runner, tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    seen: list[bytes] = []
+
+    async def main() -> None:
+        async with serve(keep_alive_json(), tls=server_tls) as upstream, serve(connect_proxy(seen)) as proxy:
+            client = HTTPClient(
+                f"https://127.0.0.1:{upstream.port}/v1",
+                {"authorization": "Bearer sk-test"},
+                timeout=2.0,
+                connect_timeout=2.0,
+                tls=ssl.create_default_context(cafile=str(cert)),
+                proxy=f"http://ops:s%40cret@127.0.0.1:{proxy.port}",
+            )
+            for _ in range(2):  # the second request reuses the tunnel
+                assert await (await client.request("POST", "chat/completions", b"{}")).aread() == b'{"ok":true}'
+            await client.aclose()
+            assert upstream.requests[0].split(b"\r\n")[0] == b"POST /v1/chat/completions HTTP/1.1"
+            assert len(upstream.requests) == 2
+        assert seen == [
+            b"CONNECT 127.0.0.1:%d HTTP/1.1\r\nhost: 127.0.0.1:%d\r\n"
+            b"proxy-authorization: Basic b3BzOnNAY3JldA==\r\n\r\n" % (upstream.port, upstream.port)
+        ]
+
+    run(main())
+
+
+def test_a_proxy_refusing_the_tunnel_is_a_transport_error(run: Runner) -> None:
+    seen: list[bytes] = []
+
+    async def main() -> None:
+        refusal = b"HTTP/1.1 407 Proxy Authentication Required\r\ncontent-length: 0\r\n\r\n"
+        async with serve(connect_proxy(seen, refusal)) as proxy:
+            client = HTTPClient(
+                "https://api.openai.com/v1",
+                {},
+                timeout=2.0,
+                connect_timeout=2.0,
+                proxy=f"http://127.0.0.1:{proxy.port}",
+            )
+            with pytest.raises(TransportError, match=r"refused the tunnel .*407 Proxy Authentication Required"):
+                await client.request("GET", "models")
+            await client.aclose()
+        assert seen == [b"CONNECT api.openai.com:443 HTTP/1.1\r\nhost: api.openai.com:443\r\n\r\n"]
+
+    run(main())
+
+
+def test_plain_http_through_a_proxy_names_the_upstream_in_full(run: Runner) -> None:
+    async def main() -> None:
+        async with serve(keep_alive_json()) as proxy:  # it answers itself, as a caching proxy may
+            client = HTTPClient(
+                "http://upstream.internal:8080/v1",
+                {},
+                timeout=2.0,
+                connect_timeout=2.0,
+                proxy=f"http://ops:pw@127.0.0.1:{proxy.port}",
+            )
+            assert await (await client.request("GET", "models")).aread() == b'{"ok":true}'
+            await client.aclose()
+        lines = proxy.requests[0].split(b"\r\n")
+        assert lines[0] == b"GET http://upstream.internal:8080/v1/models HTTP/1.1"
+        assert b"host: upstream.internal:8080" in lines
+        assert b"proxy-authorization: Basic b3BzOnB3" in lines
+
+    run(main())

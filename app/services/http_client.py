@@ -23,19 +23,24 @@ the gateway's overhead. This client does only what the relay needs:
   the upstream almost always never saw it; an upstream that crashed while working on
   it may see it twice.
 
-It does not follow redirects or speak HTTP/2, and it ignores `HTTP(S)_PROXY` (see
-`proxy_ignored`) and any query string in the base URL.
+- an `http://` proxy (`proxy`; the service passes what `HTTPS_PROXY` and friends say,
+  as httpx does): a CONNECT tunnel for an `https://` upstream, absolute request targets
+  for an `http://` one; `user:password@` in the proxy URL becomes Basic proxy auth.
+
+It does not follow redirects, speak HTTP/2 or use SOCKS or `https://` proxies, and it
+ignores any query string in the base URL.
 A response must be read to its end or closed (`aclose`); only then is its
 connection free for the next request.
 """
 
 import asyncio
+import base64
 import ssl
 import time
 import urllib.request
 from collections import deque
 from typing import Self, cast
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import certifi
 import httptools
@@ -300,6 +305,25 @@ class _Connection(asyncio.Protocol):
         self._client._release(self, reusable and not self.closed and self._keep_alive and not self._paused)
 
 
+class _TunnelHandshake(asyncio.Protocol):
+    """Reads a proxy's answer to CONNECT (its status line), before TLS takes the connection over."""
+
+    def __init__(self) -> None:
+        self.answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._buffer = b""
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        if b"\r\n\r\n" in self._buffer and not self.answer.done():
+            self.answer.set_result(self._buffer.split(b"\r\n", 1)[0].decode("latin-1"))
+        elif len(self._buffer) > 65536 and not self.answer.done():
+            self.answer.set_exception(TransportError("The proxy's answer to CONNECT is too long."))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.answer.done():
+            self.answer.set_exception(TransportError("The proxy closed the connection instead of opening a tunnel."))
+
+
 class HTTPClient:
     """Requests to one origin over a pool of keep-alive HTTP/1.1 connections."""
 
@@ -314,6 +338,7 @@ class HTTPClient:
         max_idle: int = 64,
         idle_seconds: float = 15.0,
         tls: ssl.SSLContext | None = None,
+        proxy: str | None = None,
     ) -> None:
         url = urlsplit(base_url)
         if url.scheme not in ("http", "https") or not url.hostname:
@@ -326,7 +351,23 @@ class HTTPClient:
         authority = self._host if default_port else f"{self._host}:{self._port}"
         if ":" in self._host:  # an IPv6 literal
             authority = f"[{self._host}]" if default_port else f"[{self._host}]:{self._port}"
+        self._target = self._prefix  # what a request line names, before the path
+        self._tunnel_to = f"[{self._host}]:{self._port}" if ":" in self._host else f"{self._host}:{self._port}"
         fixed = {"host": authority, "accept": "*/*", "accept-encoding": "identity", **headers}
+        self._proxy: tuple[str, int, str | None] | None = None
+        if proxy is not None:
+            parts = urlsplit(proxy)
+            if parts.scheme != "http" or not parts.hostname:
+                raise ValueError(f"only http:// proxies are supported, not {proxy!r}")
+            auth = None
+            if parts.username is not None:
+                credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+                auth = "Basic " + base64.b64encode(credentials).decode("ascii")
+            self._proxy = (parts.hostname, parts.port or 80, auth)
+            if self._ssl is None:  # plain HTTP goes through the proxy, named in full
+                self._target = f"http://{authority}{self._prefix}"
+                if auth is not None:
+                    fixed["proxy-authorization"] = auth
         for name, value in fixed.items():
             if "\r" in name + value or "\n" in name + value:
                 raise ValueError(f"header {name!r} holds a line break")
@@ -345,7 +386,7 @@ class HTTPClient:
         """Send a request; returns once the response's headers have arrived (its body unread)."""
         if self._closed:
             raise TransportError("The HTTP client is closed.")
-        head = f"{method} {self._prefix}{path.lstrip('/')} HTTP/1.1\r\n".encode("latin-1")
+        head = f"{method} {self._target}{path.lstrip('/')} HTTP/1.1\r\n".encode("latin-1")
         length = b"content-length: %d\r\n\r\n" % len(body) if body or method == "POST" else b"\r\n"
         request = head + self._fixed + length + body
         for attempt in range(2):
@@ -390,13 +431,20 @@ class HTTPClient:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_timeout):
-                _, connection = await loop.create_connection(
-                    lambda: _Connection(self),
-                    self._host,
-                    self._port,
-                    ssl=self._ssl,
-                    server_hostname=self._host if self._ssl else None,
-                )
+                if self._proxy is None:
+                    _, connection = await loop.create_connection(
+                        lambda: _Connection(self),
+                        self._host,
+                        self._port,
+                        ssl=self._ssl,
+                        server_hostname=self._host if self._ssl else None,
+                    )
+                elif self._ssl is None:
+                    _, connection = await loop.create_connection(
+                        lambda: _Connection(self), self._proxy[0], self._proxy[1]
+                    )
+                else:
+                    connection = await self._tunnel(self._proxy, self._ssl)
         except TimeoutError as exc:
             raise TransportTimeout(f"Could not connect to the upstream within {self._connect_timeout:g} s.") from exc
         except (OSError, ssl.SSLError) as exc:
@@ -405,6 +453,29 @@ class HTTPClient:
             connection.abort()
             raise TransportError("The HTTP client is closed.")
         self._open.add(connection)
+        return connection
+
+    async def _tunnel(self, proxy: tuple[str, int, str | None], tls: ssl.SSLContext) -> _Connection:
+        """A TLS connection to the upstream through the proxy's CONNECT tunnel."""
+        host, port, auth = proxy
+        loop = asyncio.get_running_loop()
+        transport, handshake = await loop.create_connection(_TunnelHandshake, host, port)
+        try:
+            ask = f"CONNECT {self._tunnel_to} HTTP/1.1\r\nhost: {self._tunnel_to}\r\n"
+            if auth is not None:
+                ask += f"proxy-authorization: {auth}\r\n"
+            transport.write(ask.encode("latin-1") + b"\r\n")
+            status_line = await handshake.answer
+            if status_line.split(" ")[1:2] != ["200"]:
+                raise TransportError(f"The proxy refused the tunnel to the upstream ({status_line}).")
+            connection = _Connection(self)
+            secure = await loop.start_tls(transport, connection, tls, server_hostname=self._host)
+            if secure is None:
+                raise TransportError("The TLS handshake through the proxy did not complete.")
+        except BaseException:
+            transport.abort()
+            raise
+        connection.connection_made(secure)
         return connection
 
     def _release(self, connection: _Connection, reusable: bool) -> None:
@@ -427,12 +498,12 @@ class HTTPClient:
         await asyncio.sleep(0)  # let the transports run their connection_lost callbacks
 
 
-def proxy_ignored(base_url: str) -> str | None:
-    """The HTTP proxy that the environment sets for `base_url` and this client does not use."""
-    host = urlsplit(base_url).hostname or ""
+def environment_proxy(base_url: str) -> str | None:
+    """The proxy that `HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY` and `NO_PROXY` set for `base_url`, as httpx finds it."""
+    url = urlsplit(base_url)
     proxies = urllib.request.getproxies()
-    proxy = proxies.get(urlsplit(base_url).scheme) or proxies.get("all")
-    return proxy if proxy and not urllib.request.proxy_bypass(host) else None
+    proxy = proxies.get(url.scheme) or proxies.get("all")
+    return proxy if proxy and not urllib.request.proxy_bypass(url.hostname or "") else None
 
 
 def _tls_context() -> ssl.SSLContext:

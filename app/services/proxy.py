@@ -19,7 +19,7 @@ from app.core.config import Settings
 from app.core.errors import AppError, RateLimitError, UpstreamError, UpstreamTimeoutError
 from app.core.logging import get_logger
 from app.db.models import utcnow
-from app.services.http_client import HTTPClient, Response, TransportError, TransportTimeout, proxy_ignored
+from app.services.http_client import HTTPClient, Response, TransportError, TransportTimeout, environment_proxy
 from app.services.openai import Attempt
 from app.services.retries import retry_delay
 
@@ -43,18 +43,18 @@ class Proxy:
 
     def __init__(self, settings: Settings, base_url: str, api_key: str) -> None:
         self._settings = settings
+        proxy = environment_proxy(base_url)
+        if proxy is not None and not proxy.startswith("http://"):
+            log.warning("upstream_proxy_ignored", extra={"hint": "the /v1 relay supports http:// proxies only"})
+            proxy = None
         self._client = HTTPClient(
             base_url,
             {"authorization": f"Bearer {api_key}", "content-type": "application/json"},
             timeout=settings.openai_timeout,
             connect_timeout=min(settings.openai_timeout, 10.0),
+            proxy=proxy,
         )
         self._models: tuple[float, bytes] | None = None
-        if (ignored := proxy_ignored(base_url)) is not None:
-            log.warning(
-                "upstream_proxy_ignored",
-                extra={"proxy": ignored, "hint": "the /v1 relay connects to the upstream directly"},
-            )
 
     async def aclose(self) -> None:
         await self._client.aclose()
