@@ -60,7 +60,9 @@ class Counters(Protocol):
 
     async def add(self, name: str, amount: int) -> int: ...
 
-    async def get(self, name: str) -> int: ...
+    async def take(self, count: str | None, read: str | None) -> tuple[int, int]:
+        """Add 1 to `count` and read `read` (each if named), at once: (count's new value, read's value)."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -82,9 +84,12 @@ class MemoryCounters:
         self._values[name] = (value, now + COUNTER_TTL_SECONDS)
         return value
 
-    async def get(self, name: str) -> int:
-        value, expires = self._values.get(name, (0, 0.0))
-        return value if expires > time.monotonic() else 0
+    async def take(self, count: str | None, read: str | None) -> tuple[int, int]:
+        counted = await self.add(count, 1) if count is not None else 0
+        if read is None:
+            return counted, 0
+        value, expires = self._values.get(read, (0, 0.0))
+        return counted, value if expires > time.monotonic() else 0
 
     async def aclose(self) -> None:
         self._values.clear()
@@ -103,9 +108,17 @@ class RedisCounters:
             value, _ = await pipe.execute()
         return int(value)
 
-    async def get(self, name: str) -> int:
-        value = await self._redis.get(name)
-        return int(value) if value is not None else 0
+    async def take(self, count: str | None, read: str | None) -> tuple[int, int]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            if count is not None:
+                pipe.incrby(count, 1)
+                pipe.expire(count, COUNTER_TTL_SECONDS)
+            if read is not None:
+                pipe.get(read)
+            answers = await pipe.execute()
+        counted = int(answers[0]) if count is not None else 0
+        value = answers[-1] if read is not None else None
+        return counted, int(value) if value is not None else 0
 
     async def ping(self) -> None:
         await self._redis.ping()
@@ -160,11 +173,6 @@ class Limiter:
         now = self.clock()
         minute, wait = int(now // 60), max(1, math.ceil(60 - now % 60))
         key = principal.key_id
-        if tpm is not None:
-            name = self._name("tpm", key, minute)
-            used = await self.counters.get(name) + self._unsent.get(name, 0)
-            if used >= tpm:
-                raise _rate_limited("tokens", key, tpm, used, wait)
         if budget is not None:
             spent = await self._month_spend(principal, now, session)
             if spent >= budget:
@@ -173,12 +181,23 @@ class Limiter:
                     f"${_usd(budget)} budget this month (UTC). An admin can raise `budget_usd`.",
                     headers={"x-should-retry": "false"},
                 )
-        if rpm is not None:
-            name = self._name("rpm", key, minute)
-            count = await self.counters.add(name, 1)
-            if count > rpm:
-                await self.counters.add(name, -1)  # a refused call is not a request made
-                raise _rate_limited("requests", key, rpm, count - 1, wait)
+        if rpm is None and tpm is None:
+            return
+        # One trip to the counters: count this request, read the minute's tokens.
+        count_name = self._name("rpm", key, minute) if rpm is not None else None
+        read_name = self._name("tpm", key, minute) if tpm is not None else None
+        count, used = await self.counters.take(count_name, read_name)
+        if read_name is not None:
+            used += self._unsent.get(read_name, 0)
+        refusal = None
+        if tpm is not None and used >= tpm:
+            refusal = _rate_limited("tokens", key, tpm, used, wait)
+        elif rpm is not None and count > rpm:
+            refusal = _rate_limited("requests", key, rpm, count - 1, wait)
+        if refusal is not None:
+            if count_name is not None:
+                await self.counters.add(count_name, -1)  # a refused call is not a request made
+            raise refusal
 
     def note(self, record: UsageRecord) -> None:
         """Count a ledger row against its key's minute and month (called as the row is made)."""
