@@ -65,10 +65,10 @@ import asyncpg  # type: ignore[import-untyped]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gateway_load as load
+from common import cpu_name, machine_cpu, process_cpu
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 MODEL = "gpt-4o-mini"
 SERVER_CPU = "0"
 HARNESS_CPU = 1
@@ -165,33 +165,14 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
-def proc_cpu(pid: int) -> float:
-    """CPU seconds (utime + stime, all threads) of one process, 0 if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return 0.0
-    fields = stat[stat.rfind(b")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of proc(5)
-
-
 def tree_cpu(pid: int) -> float:
     """CPU seconds of a process and all its descendants."""
     tree, total, todo = _children(), 0.0, [pid]
     while todo:
         current = todo.pop()
-        total += proc_cpu(current)
+        total += process_cpu(current)
         todo.extend(tree.get(current, ()))
     return total
-
-
-def machine_busy() -> float:
-    """CPU seconds all processes on the machine have used since boot (from /proc/stat)."""
-    with open("/proc/stat") as f:
-        fields = f.readline().split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / CLK_TCK
 
 
 def http_json(url: str, *, data: Any = None, key: str | None = None, timeout: float = 10.0) -> Any:
@@ -406,7 +387,7 @@ class Settings:
 
 
 def _pg_cpu(pids: dict[int, float]) -> float:
-    return sum(proc_cpu(pid) for pid in pids)
+    return sum(process_cpu(pid) for pid in pids)
 
 
 async def phase(
@@ -417,24 +398,24 @@ async def phase(
     )
     pg_before: dict[int, float] = {}
     if target.pg_url:
-        pg_before = {pid: proc_cpu(pid) for pid in await pg_backend_pids(target.pg_url)}
+        pg_before = {pid: process_cpu(pid) for pid in await pg_backend_pids(target.pg_url)}
     marks: dict[str, float] = {}
 
     def ready() -> None:
         marks["server"] = tree_cpu(target.pid)
-        marks["upstream"] = proc_cpu(upstream.pid)
-        marks["machine"] = machine_busy()
+        marks["upstream"] = process_cpu(upstream.pid)
+        marks["machine"] = machine_cpu()
 
     result = await load.run(
         "127.0.0.1", target.port, raw, requests=requests, concurrency=concurrency, stream=stream, on_ready=ready
     )
-    machine = machine_busy() - marks["machine"]
+    machine = machine_cpu() - marks["machine"]
     await asyncio.sleep(settle)  # let the tail of the work (a ledger flush, closing streams) land in the count
     server = tree_cpu(target.pid) - marks["server"]
-    upstream_cpu = proc_cpu(upstream.pid) - marks["upstream"]
+    upstream_cpu = process_cpu(upstream.pid) - marks["upstream"]
     pg = 0.0
     if target.pg_url:
-        after = {pid: proc_cpu(pid) for pid in await pg_backend_pids(target.pg_url)}
+        after = {pid: process_cpu(pid) for pid in await pg_backend_pids(target.pg_url)}
         pg = sum(cpu - pg_before.get(pid, 0.0) for pid, cpu in after.items())
     if target is upstream:
         server = upstream_cpu
@@ -457,9 +438,9 @@ async def wait_quiet(max_wait: float, threshold: float = 0.15) -> None:
     """Wait (at most `max_wait` seconds) until the machine's other processes use under `threshold` cores."""
     deadline = time.monotonic() + max_wait
     while True:
-        before, started = machine_busy(), time.monotonic()
+        before, started = machine_cpu(), time.monotonic()
         await asyncio.sleep(1.0)
-        busy = (machine_busy() - before) / (time.monotonic() - started)
+        busy = (machine_cpu() - before) / (time.monotonic() - started)
         if busy < threshold:
             return
         if time.monotonic() >= deadline:
@@ -714,14 +695,6 @@ def ignoring_signals() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{os.cpu_count()}x {line.split(':', 1)[1].strip()}"
-    return platform.processor() or "unknown CPU"
-
-
 async def run_all(args: argparse.Namespace, procs: Processes, workdir: Path) -> str:  # noqa: PLR0912, PLR0915
     s = Settings(
         requests=args.requests,
@@ -793,7 +766,7 @@ async def run_all(args: argparse.Namespace, procs: Processes, workdir: Path) -> 
 
     meta = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": cpu_name(),
+        "cpu": f"{os.cpu_count()}x {cpu_name()}",
         "python": f"Python {platform.python_version()}",
         "nice": f" (all at nice {args.nice})" if args.nice else "",
     }

@@ -13,7 +13,7 @@ client itself costs.
 
 import argparse
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -27,6 +27,21 @@ from starlette.routing import Route
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from app.services.http_client import HTTPClient
+
+
+async def _healthz(request: Request) -> Response:
+    return Response(b'{"status":"ok"}', media_type="application/json")
+
+
+def _app(routes: list[Route], close: Callable[[], Awaitable[None]]) -> Starlette:
+    """The pass-through's app: its routes, `/healthz`, and the upstream client closed at shutdown."""
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await close()
+
+    return Starlette(routes=[*routes, Route("/healthz", _healthz, methods=["GET"])], lifespan=lifespan)
 
 
 def create_raw_app(upstream: str) -> Starlette:
@@ -44,21 +59,7 @@ def create_raw_app(upstream: str) -> Starlette:
             )
         return Response(await response.aread(), status_code=response.status_code, media_type=content_type)
 
-    async def healthz(request: Request) -> Response:
-        return Response(b'{"status":"ok"}', media_type="application/json")
-
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        yield
-        await client.aclose()
-
-    return Starlette(
-        routes=[
-            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-            Route("/healthz", healthz, methods=["GET"]),
-        ],
-        lifespan=lifespan,
-    )
+    return _app([Route("/v1/chat/completions", chat_completions, methods=["POST"])], client.aclose)
 
 
 def create_app(upstream: str) -> Starlette:
@@ -88,22 +89,11 @@ def create_app(upstream: str) -> Starlette:
         response = await client.get("models")
         return Response(response.content, status_code=response.status_code, media_type="application/json")
 
-    async def healthz(request: Request) -> Response:
-        return Response(b'{"status":"ok"}', media_type="application/json")
-
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        yield
-        await client.aclose()
-
-    return Starlette(
-        routes=[
-            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-            Route("/v1/models", models, methods=["GET"]),
-            Route("/healthz", healthz, methods=["GET"]),
-        ],
-        lifespan=lifespan,
-    )
+    routes = [
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+    ]
+    return _app(routes, client.aclose)
 
 
 def main() -> None:

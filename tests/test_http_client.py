@@ -76,6 +76,25 @@ def client_for(server: Server, scheme: str = "http", **options: object) -> HTTPC
     )
 
 
+Certificate = tuple[Path, ssl.SSLContext]
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> Certificate:
+    """A self-signed certificate for 127.0.0.1 (its file, for clients to trust) and a server context using it."""
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    return cert, server_tls
+
+
 def keep_alive_json(body: bytes = b'{"ok":true}', status: bytes = b"200 OK") -> Callable[[Server], Handler]:
     """Answers every request on the connection with `body`, keeping the connection open."""
 
@@ -402,16 +421,8 @@ def test_line_breaks_in_fixed_headers_are_refused() -> None:
         HTTPClient("ftp://example.com/", {}, timeout=1, connect_timeout=1)
 
 
-def test_https_verifies_the_certificate(run: Runner, tmp_path: Path) -> None:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
-    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_tls.load_cert_chain(cert, key)
+def test_https_verifies_the_certificate(run: Runner, certificate: Certificate) -> None:
+    cert, server_tls = certificate
 
     async def main() -> None:
         async with serve(keep_alive_json(), tls=server_tls) as server:
@@ -534,16 +545,8 @@ def connect_proxy(seen: list[bytes], answer: bytes | None = None) -> Callable[[S
     return make
 
 
-def test_https_through_a_connect_proxy_with_credentials(run: Runner, tmp_path: Path) -> None:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
-    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_tls.load_cert_chain(cert, key)
+def test_https_through_a_connect_proxy_with_credentials(run: Runner, certificate: Certificate) -> None:
+    cert, server_tls = certificate
     seen: list[bytes] = []
 
     async def main() -> None:

@@ -65,11 +65,6 @@ def session_factory(request: Request) -> SessionFactory:
     return factory
 
 
-async def session_factory_dep(request: Request) -> SessionFactory:
-    # Dependencies are async: FastAPI runs a plain `def` one in a worker thread, a hop per request.
-    return session_factory(request)
-
-
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
     """One session per request, closed (rolled back if uncommitted) when the endpoint returns."""
     async with session_factory(request)() as session:
@@ -77,4 +72,3 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
 
 
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
-SessionFactoryDep = Annotated[SessionFactory, Depends(session_factory_dep)]

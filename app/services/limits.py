@@ -153,23 +153,16 @@ class Limiter:
         The budget is read with `session` if the caller has one open: on SQLite a second
         connection would wait for the write lock that the caller's transaction holds.
         """
-        rpm, tpm, budget = principal.rpm_limit, principal.tpm_limit, principal.budget_usd
-        if rpm is None and tpm is None and budget is None:
+        if principal.rpm_limit is None and principal.tpm_limit is None and principal.budget_usd is None:
             return
         try:
-            await self._admit(principal, rpm, tpm, budget, session)
+            await self._admit(principal, session)
         except redis.RedisError:
             # Redis away: the minute limits cannot be counted; calls go on (budgets still hold).
             log.warning("limit_counters_unavailable", extra={"key_id": principal.key_id}, exc_info=True)
 
-    async def _admit(
-        self,
-        principal: Principal,
-        rpm: int | None,
-        tpm: int | None,
-        budget: Decimal | None,
-        session: AsyncSession | None,
-    ) -> None:
+    async def _admit(self, principal: Principal, session: AsyncSession | None) -> None:
+        rpm, tpm, budget = principal.rpm_limit, principal.tpm_limit, principal.budget_usd
         now = self.clock()
         minute, wait = int(now // 60), max(1, math.ceil(60 - now % 60))
         key = principal.key_id

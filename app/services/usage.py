@@ -363,11 +363,3 @@ async def app_ledger(request: Request) -> LedgerWriter:
 
 
 LedgerDep = Annotated[LedgerWriter, Depends(app_ledger)]
-
-
-async def app_accounting(request: Request) -> Accounting:
-    accounting: Accounting = request.app.state.accounting
-    return accounting
-
-
-AccountingDep = Annotated[Accounting, Depends(app_accounting)]
